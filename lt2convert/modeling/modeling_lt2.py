@@ -1,0 +1,484 @@
+"""Looped decoder runtime: Ouro, LT2 hybrids, and Llama-family checkpoints (the one-step case).
+
+Reads top to bottom: norms and RoPE, the token mixers, the decoder layer, the per-(step, layer) cache, the loop
+and its exit gate, the causal-LM head. Parameter names are exactly the on-disk names of Ouro checkpoints.
+Self-contained (imports nothing else from lt2convert) because exported checkpoints ship it as remote code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_lt2 import LT2Config, OuroConfig
+
+# ---------------------------------------------------------------------------------------------------------------
+# Norms and rotary embeddings
+
+
+class LT2RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 (Ouro and Llama both normalise in fp32, then scale in the input dtype)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        x = hidden_states.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(input_dtype)
+
+
+def rope_inverse_frequencies(config: LT2Config) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and attention scaling for the config's RoPE variant (transformers computes the
+    scaled variants; the default one is computed here because transformers keeps it per model)."""
+    params = config.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        dim = config.head_dim
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
+        return 1.0 / (config.rope_theta**exponents), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS or rope_type == "dynamic":
+        raise ValueError(f"rope_parameters.rope_type={rope_type!r} is not supported by the looped runtime")
+    return ROPE_INIT_FUNCTIONS[rope_type](config, None)
+
+
+class LT2RotaryEmbedding(nn.Module):
+    def __init__(self, config: LT2Config):
+        super().__init__()
+        inv_freq, self.attention_scaling = rope_inverse_frequencies(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [B, S] -> cos, sin [B, S, head_dim] in x's dtype (angles computed in fp32)."""
+        freqs = position_ids[:, :, None].float() * self.inv_freq.float().to(x.device)[None, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, S, D]; cos/sin [B, S, D]."""
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + rotate_half(x) * sin
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Token mixers. Each takes (x [B, S, H], MixerContext, state) and returns [B, S, H]. `state` is the dict owned by
+# one (loop step, layer) slot of the cache, or None when no cache is kept; a mixer stores whatever it needs there.
+
+
+@dataclass
+class MixerContext:
+    """What every mixer may need besides its input: RoPE tables, the padding mask and the cache offset."""
+
+    cos: torch.Tensor  # [B, S, head_dim]
+    sin: torch.Tensor
+    key_padding_mask: torch.Tensor | None  # [B, past + S] bool, True = real token; None = no padding
+    past_length: int
+
+
+def causal_attention_mask(ctx: MixerContext, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean [B|1, 1, q_len, kv_len] mask (True = attend), or None when plain `is_causal` suffices."""
+    if ctx.key_padding_mask is None and (ctx.past_length == 0 or q_len == 1):
+        return None
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None]
+    if ctx.key_padding_mask is not None:
+        mask = mask & ctx.key_padding_mask[:, None, None, -kv_len:].to(device)
+        # A padding query sees no key at all; letting it see itself keeps softmax finite (its output is unused).
+        mask = mask | (k_pos == q_pos)[None, None]
+    return mask
+
+
+class LT2Attention(nn.Module):
+    """Causal softmax attention with RoPE and GQA (SDPA), keeping a growing KV cache in its slot."""
+
+    def __init__(self, config: LT2Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        qkv_bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.o_proj_bias)
+
+    def project_qkv(self, x: torch.Tensor, ctx: MixerContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> q [B, heads, S, D], k/v [B, kv_heads, S, D], RoPE applied to q and k."""
+        bsz, seq, _ = x.shape
+        q = self.q_proj(x).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin), v
+
+    def forward(self, x: torch.Tensor, ctx: MixerContext, state: dict | None) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        q, k, v = self.project_qkv(x, ctx)
+        if state is not None:
+            if "k" in state:
+                k = torch.cat([state["k"], k], dim=2)
+                v = torch.cat([state["v"], v], dim=2)
+            state["k"], state["v"] = k, v
+        mask = causal_attention_mask(ctx, seq, k.shape[2], x.device)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1, scale=self.scaling,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, -1))
+
+
+MIXER_CLASSES: dict[str, type[nn.Module]] = {"full_attention": LT2Attention}
+
+
+def build_mixer(config: LT2Config, layer_idx: int) -> nn.Module:
+    kind = config.layer_types[layer_idx]
+    if kind not in MIXER_CLASSES:
+        raise NotImplementedError(f"layer {layer_idx}: mixer {kind!r} is not available in this runtime")
+    return MIXER_CLASSES[kind](config, layer_idx)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoder layer
+
+
+class LT2MLP(nn.Module):
+    def __init__(self, config: LT2Config):
+        super().__init__()
+        if config.hidden_act != "silu":
+            raise ValueError(f"hidden_act={config.hidden_act!r} is not supported (expected 'silu')")
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(h, i, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(i, h, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LT2DecoderLayer(nn.Module):
+    """Pre-norm residual block; with `sandwich_norm` (Ouro) the mixer and MLP outputs are normed again."""
+
+    def __init__(self, config: LT2Config, layer_idx: int):
+        super().__init__()
+        h, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = build_mixer(config, layer_idx)
+        self.mlp = LT2MLP(config)
+        self.input_layernorm = LT2RMSNorm(h, eps)
+        self.post_attention_layernorm = LT2RMSNorm(h, eps)
+        if config.sandwich_norm:
+            self.input_layernorm_2 = LT2RMSNorm(h, eps)
+            self.post_attention_layernorm_2 = LT2RMSNorm(h, eps)
+        self.sandwich = config.sandwich_norm
+
+    def forward(self, x: torch.Tensor, ctx: MixerContext, state: dict | None) -> torch.Tensor:
+        mixed = self.self_attn(self.input_layernorm(x), ctx, state)
+        x = x + (self.input_layernorm_2(mixed) if self.sandwich else mixed)
+        out = self.mlp(self.post_attention_layernorm(x))
+        return x + (self.post_attention_layernorm_2(out) if self.sandwich else out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cache: one slot per (loop step, layer), L·T slots
+
+
+class LoopedCache(Cache):
+    """Decoding state of a looped model: slot `step * num_layers + layer` belongs to that layer at that loop step.
+
+    A slot is a dict the layer's mixer fills (attention: `k`, `v`; recurrent mixers: their states). Sharing one
+    slot across steps would silently corrupt decoding, which is the bug generic L-slot caches have with Ouro.
+    """
+
+    is_compileable = False
+
+    def __init__(self, num_layers: int, num_steps: int):
+        super().__init__(layers=[])
+        self.num_layers = num_layers
+        self.num_steps = num_steps
+        self.slots: list[dict] = [{} for _ in range(num_layers * num_steps)]
+        self.seen_tokens = 0
+
+    def slot(self, step: int, layer: int) -> dict:
+        return self.slots[step * self.num_layers + layer]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    @property
+    def is_linear(self) -> list[bool]:
+        # Tells generate() that inputs must be sliced to the tokens not yet in the cache.
+        return [False]
+
+    def nbytes(self) -> int:
+        """Bytes held by every tensor in every slot."""
+        return sum(t.numel() * t.element_size() for s in self.slots for t in s.values() if torch.is_tensor(t))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for slot in self.slots:
+            for key, value in slot.items():
+                if torch.is_tensor(value):
+                    slot[key] = value.index_select(0, beam_idx.to(value.device))
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def __repr__(self) -> str:
+        return f"LoopedCache(steps={self.num_steps}, layers={self.num_layers}, seen_tokens={self.seen_tokens})"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class LoopedOutput(CausalLMOutputWithPast):
+    """`exit_probs` [T, B, S]: the exit distribution p_t per token (None without an exit gate);
+    `step_hidden_states`: the normed hidden state after each loop step (when requested)."""
+
+    exit_probs: torch.Tensor | None = None
+    step_hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class LT2PreTrainedModel(PreTrainedModel):
+    config_class = LT2Config
+    config: LT2Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["LT2DecoderLayer"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+        elif isinstance(module, LT2RMSNorm):
+            module.weight.fill_(1.0)
+        elif isinstance(module, LT2RotaryEmbedding):
+            module.inv_freq.copy_(rope_inverse_frequencies(self.config)[0])
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # Our forward creates its own L·T-slot LoopedCache; a DynamicCache has L slots and would be wrong.
+        return False
+
+
+def exit_distribution(gate_logits: list[torch.Tensor]) -> torch.Tensor:
+    """λ_t = sigmoid(gate_t) per step -> p_t = λ_t Π_{j<t}(1−λ_j); the last step takes the remaining mass.
+    gate_logits: T tensors [B, S] (fp32) -> [T, B, S]."""
+    probs, survive = [], torch.ones_like(gate_logits[0])
+    for gate in gate_logits[:-1]:
+        lam = torch.sigmoid(gate)
+        probs.append(lam * survive)
+        survive = survive * (1.0 - lam)
+    probs.append(survive)
+    return torch.stack(probs)
+
+
+class LT2Model(LT2PreTrainedModel):
+    """Embeddings, the shared layer stack applied `total_ut_steps` times, and the per-step final norm."""
+
+    def __init__(self, config: LT2Config):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(LT2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = LT2RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = LT2RotaryEmbedding(config)
+        if config.use_exit_gate:
+            self.early_exit_gate = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: LoopedCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None, LoopedCache | None]:
+        """-> (normed hidden state after each step [T × (B, S, H)], exit probs [T, B, S] or None, cache)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = LoopedCache(self.config.num_hidden_layers, self.config.total_ut_steps)
+        past = cache.seen_tokens if cache is not None else 0
+        ctx = self.mixer_context(h, attention_mask, position_ids, past)
+        steps = []
+        for step in range(self.config.total_ut_steps):
+            for i, layer in enumerate(self.layers):
+                h = layer(h, ctx, cache.slot(step, i) if cache is not None else None)
+            h = self.norm(h)  # Ouro norms at the end of every step, and the normed state feeds the next step
+            steps.append(h)
+        if cache is not None:
+            cache.seen_tokens = past + h.shape[1]
+        return steps, self.exit_probs(steps), cache
+
+    def mixer_context(
+        self, h: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, past: int
+    ) -> MixerContext:
+        seq = h.shape[1]
+        padding = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            padding = attention_mask.bool()
+        if position_ids is None:
+            if attention_mask is not None:
+                # Left padding: positions count real tokens only, as transformers' generate does.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+            else:
+                position_ids = torch.arange(past, past + seq, device=h.device)[None].expand(h.shape[0], -1)
+        cos, sin = self.rotary_emb(h, position_ids.to(h.device))
+        return MixerContext(cos=cos, sin=sin, key_padding_mask=padding, past_length=past)
+
+    def exit_probs(self, steps: list[torch.Tensor]) -> torch.Tensor | None:
+        if not self.config.use_exit_gate:
+            return None
+        gate = self.early_exit_gate
+        # The gate runs in fp32: in bf16 the cumulative exit mass rounds to 1.0 before the last step.
+        logits = [F.linear(h.float(), gate.weight.float(), gate.bias.float()).squeeze(-1) for h in steps]
+        return exit_distribution(logits)
+
+
+class LT2ForCausalLM(LT2PreTrainedModel, GenerationMixin):
+    """Looped causal LM with Ouro's output selection.
+
+    Output selection, an explicitly passed keyword winning over the config default:
+    `exit_at_step=k` -> step k's logits; `use_weighted_exit=True` -> Σ_t p_t·logits_t; `exit_threshold=q` ->
+    per token the first step whose cumulative exit mass reaches q; no keyword -> the config's
+    `early_exit_threshold` (1.0: the last step, since the mass reaches 1 only there in fp32). Models without an
+    exit gate (Llama family) always return the last step. All steps are always computed.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: LT2Config):
+        super().__init__(config)
+        self.model = LT2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: LoopedCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        exit_at_step: int | None = None,
+        exit_threshold: float | None = None,
+        use_weighted_exit: bool = False,
+        output_step_hidden_states: bool = False,
+        **kwargs,
+    ) -> LoopedOutput:
+        steps, probs, cache = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            inputs_embeds=inputs_embeds, use_cache=use_cache,
+        )
+        keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+        kept = [h[:, keep] for h in steps]
+        kept_probs = probs[:, :, keep] if probs is not None else None
+        logits = self.select_logits(kept, kept_probs, exit_at_step, exit_threshold, use_weighted_exit)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+            )
+        return LoopedOutput(
+            loss=loss, logits=logits, cache=cache if use_cache is not False else None, exit_probs=probs,
+            step_hidden_states=tuple(steps) if output_step_hidden_states else None,
+        )
+
+    def select_logits(
+        self,
+        steps: list[torch.Tensor],
+        probs: torch.Tensor | None,
+        exit_at_step: int | None,
+        exit_threshold: float | None,
+        use_weighted_exit: bool,
+    ) -> torch.Tensor:
+        num_steps = len(steps)
+        if exit_at_step is not None:
+            if not 0 <= exit_at_step < num_steps:
+                raise ValueError(f"exit_at_step={exit_at_step} is outside 0..{num_steps - 1}")
+            return self.lm_head(steps[exit_at_step])
+        if probs is None:  # no exit gate: a plain (Llama-family) model
+            if use_weighted_exit or exit_threshold is not None:
+                raise ValueError("this model has no exit gate; use_weighted_exit/exit_threshold do not apply")
+            return self.lm_head(steps[-1])
+        if use_weighted_exit:
+            logits = 0.0
+            for p, h in zip(probs, steps, strict=True):
+                logits = logits + p.unsqueeze(-1) * self.lm_head(h).float()
+            return logits.to(steps[-1].dtype)
+        threshold = self.config.early_exit_threshold if exit_threshold is None else exit_threshold
+        return self.lm_head(select_exit_hidden(steps, probs, threshold))
+
+
+def select_exit_hidden(steps: list[torch.Tensor], probs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Per token, the hidden state of the first step whose cumulative exit mass reaches `threshold` (else the
+    last step). Selecting hidden states before the linear head gives the same logits as selecting logits."""
+    reached = probs.cumsum(0) >= threshold  # [T, B, S]
+    reached[-1] = True
+    exit_step = reached.float().argmax(0)  # first True
+    stacked = torch.stack(steps)  # [T, B, S, H]
+    index = exit_step[None, :, :, None].expand(1, *stacked.shape[1:])
+    return stacked.gather(0, index).squeeze(0)
+
+
+class OuroForCausalLM(LT2ForCausalLM):
+    """Ouro's architecture name, so its published config.json (`architectures: [OuroForCausalLM]`) maps here."""
+
+    config_class = OuroConfig
+
+
+__all__ = [
+    "LT2Config",
+    "OuroConfig",
+    "LT2Model",
+    "LT2ForCausalLM",
+    "OuroForCausalLM",
+    "LoopedCache",
+    "LoopedOutput",
+]
