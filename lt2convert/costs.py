@@ -35,13 +35,17 @@ def slot_fixed_bytes(config: LT2Config, mixer: str, dtype_bytes: int) -> int:
         return 0
     heads, dk, dv = gdn_dims(config)
     state = heads * dk * dv * RECURRENT_STATE_BYTES
-    conv = (config.gdn_conv_size - 1) * heads * (2 * dk + dv) * dtype_bytes if config.gdn_use_short_conv else 0
+    conv = (
+        (config.gdn_conv_size - 1) * heads * (2 * dk + dv) * dtype_bytes if config.gdn_use_short_conv else 0
+    )
     return state + conv
 
 
 def slot_bytes(config: LT2Config, mixer: str, context: int, dtype_bytes: int) -> int:
     tokens = min(context, config.swa_window) if mixer == "swa" else context
-    return slot_fixed_bytes(config, mixer, dtype_bytes) + tokens * slot_bytes_per_token(config, mixer, dtype_bytes)
+    return slot_fixed_bytes(config, mixer, dtype_bytes) + tokens * slot_bytes_per_token(
+        config, mixer, dtype_bytes
+    )
 
 
 def cache_bytes(config: LT2Config, context: int, dtype: str = "bf16", batch: int = 1) -> int:

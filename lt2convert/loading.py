@@ -21,8 +21,14 @@ LLAMA_FAMILY = ("llama", "qwen2", "mistral")
 SUPPORTED_MODEL_TYPES = ("ouro", "lt2", *LLAMA_FAMILY)
 # Keys of a config.json that describe where it came from rather than the architecture.
 _PROVENANCE_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "quantization_config")
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-           "fp32": torch.float32, "float32": torch.float32}
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
 
 
 def config_from_dict(raw: dict, origin: str = "config.json") -> LT2Config:
@@ -34,7 +40,9 @@ def config_from_dict(raw: dict, origin: str = "config.json") -> LT2Config:
         )
     fields = {k: v for k, v in raw.items() if k not in _PROVENANCE_KEYS}
     if fields.get("use_sliding_window"):
-        raise CheckpointError(f"{origin}: use_sliding_window=true is not supported for {model_type} checkpoints")
+        raise CheckpointError(
+            f"{origin}: use_sliding_window=true is not supported for {model_type} checkpoints"
+        )
     try:
         if model_type == "ouro":
             return OuroConfig(**fields)
@@ -52,8 +60,9 @@ def _llama_family_config(model_type: str, fields: dict) -> LT2Config:
     if model_type == "qwen2":
         fields = {**fields, "attention_bias": True, "o_proj_bias": False}  # Qwen2: q/k/v biases only
     fields.pop("layer_types", None)  # transformers' attention-kind labels, not our mixers
-    return LT2Config(**fields, total_ut_steps=1, sandwich_norm=False, use_exit_gate=False,
-                     architectures=["LT2ForCausalLM"])
+    return LT2Config(
+        **fields, total_ut_steps=1, sandwich_norm=False, use_exit_gate=False, architectures=["LT2ForCausalLM"]
+    )
 
 
 def model_class(config: LT2Config) -> type[LT2ForCausalLM]:

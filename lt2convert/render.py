@@ -16,11 +16,27 @@ def human_bytes(n: float) -> str:
 
 def print_inspect(report: dict) -> None:
     console = Console()
-    head = Table(title=f"{report['source']} ({report['model_type']}, {report['architecture']})", show_header=False)
-    for key in ("params_total", "num_layers", "loop_steps", "cache_slots", "hidden_size", "heads", "kv_heads",
-                "head_dim", "vocab_size", "tied_embeddings", "exit_gate", "config_dtype"):
+    head = Table(
+        title=f"{report['source']} ({report['model_type']}, {report['architecture']})", show_header=False
+    )
+    for key in (
+        "params_total",
+        "num_layers",
+        "loop_steps",
+        "cache_slots",
+        "hidden_size",
+        "heads",
+        "kv_heads",
+        "head_dim",
+        "vocab_size",
+        "tied_embeddings",
+        "exit_gate",
+        "config_dtype",
+    ):
         value = report[key]
-        head.add_row(key, f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value))
+        head.add_row(
+            key, f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+        )
     head.add_row("mixers", ", ".join(f"{k} ×{v}" for k, v in report["mixer_counts"].items()))
     console.print(head)
 

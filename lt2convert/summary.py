@@ -29,8 +29,12 @@ def component_of(name: str, config: LT2Config) -> str:
         if ".self_attn." in name:
             return f"mixer:{config.layer_types[layer]}"
         return "mlp" if ".mlp." in name else "layer_norms"
-    for prefix, component in (("model.embed_tokens", "embeddings"), ("lm_head", "lm_head"),
-                              ("model.norm", "final_norm"), ("model.early_exit_gate", "exit_gate")):
+    for prefix, component in (
+        ("model.embed_tokens", "embeddings"),
+        ("lm_head", "lm_head"),
+        ("model.norm", "final_norm"),
+        ("model.early_exit_gate", "exit_gate"),
+    ):
         if name.startswith(prefix):
             return component
     return "other"
@@ -73,8 +77,12 @@ def checkpoint_files(source: str, resolved, config: LT2Config) -> dict:
         from lt2convert.presets import get_preset
 
         preset = get_preset(source)
-        return {"hub_id": preset.hub_id, "revision": preset.revision, "files": None,
-                "note": "embedded preset config; weights not downloaded"}
+        return {
+            "hub_id": preset.hub_id,
+            "revision": preset.revision,
+            "files": None,
+            "note": "embedded preset config; weights not downloaded",
+        }
     from lt2convert.io.checkpoint import LazyCheckpoint
     from lt2convert.loading import check_tensors, expected_shapes
 

@@ -13,7 +13,10 @@ import torch
 
 TINY_OURO = {
     "architectures": ["OuroForCausalLM"],
-    "auto_map": {"AutoConfig": "configuration_ouro.OuroConfig", "AutoModelForCausalLM": "modeling_ouro.OuroForCausalLM"},
+    "auto_map": {
+        "AutoConfig": "configuration_ouro.OuroConfig",
+        "AutoModelForCausalLM": "modeling_ouro.OuroForCausalLM",
+    },
     "model_type": "ouro",
     "hidden_size": 64,
     "intermediate_size": 112,
@@ -68,7 +71,10 @@ def llama_config(**overrides) -> dict:
 def checkpoint_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes as stored on disk for an Ouro (sandwich norms, exit gate) or Llama config."""
     h, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    heads, kv = (
+        config["num_attention_heads"],
+        config.get("num_key_value_heads") or config["num_attention_heads"],
+    )
     hd = config.get("head_dim") or h // heads
     ouro = config["model_type"] == "ouro"
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h)}
@@ -88,8 +94,11 @@ def checkpoint_shapes(config: dict) -> dict[str, tuple[int, ...]]:
         if ouro:
             shapes |= {p + "input_layernorm_2.weight": (h,), p + "post_attention_layernorm_2.weight": (h,)}
         if config["model_type"] == "qwen2":  # Qwen2 attention has q/k/v biases (no o bias)
-            shapes |= {p + "self_attn.q_proj.bias": (heads * hd,), p + "self_attn.k_proj.bias": (kv * hd,),
-                       p + "self_attn.v_proj.bias": (kv * hd,)}
+            shapes |= {
+                p + "self_attn.q_proj.bias": (heads * hd,),
+                p + "self_attn.k_proj.bias": (kv * hd,),
+                p + "self_attn.v_proj.bias": (kv * hd,),
+            }
     shapes["model.norm.weight"] = (h,)
     if ouro:
         shapes |= {"model.early_exit_gate.weight": (1, h), "model.early_exit_gate.bias": (1,)}

@@ -282,22 +282,12 @@ def test_wheel_without_gguf_is_a_clear_error(tmp_path: Path) -> None:
 # --- the real assets (fetched beforehand) ---------------------------------------------------------------
 
 
-def _fetched(name: str) -> Path:
-    path = cache_dir() / name
-    if not (path / "asset.json").is_file():
-        pytest.skip(
-            f"asset {name!r} not fetched into {cache_dir()}; run "
-            f"`python -c \"from lt2convert.io.assets import fetch_asset; fetch_asset('{name}')\"`"
-        )
-    return path
-
-
 @pytest.mark.asset
-def test_smollm2_checkpoint_generates_paris() -> None:
+def test_smollm2_checkpoint_generates_paris(fetched_asset) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    path = _fetched("smollm2-135m")
+    path = fetched_asset("smollm2-135m")
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = LlamaForCausalLM.from_pretrained(path).eval()
     assert model.config.tie_word_embeddings and model.config.num_key_value_heads == 3
@@ -316,8 +306,8 @@ def test_smollm2_checkpoint_generates_paris() -> None:
 
 
 @pytest.mark.asset
-def test_shakespeare_split_is_disjoint() -> None:
-    path = _fetched("shakespeare")
+def test_shakespeare_split_is_disjoint(fetched_asset) -> None:
+    path = fetched_asset("shakespeare")
     corpus = (path / "corpus.txt").read_text(encoding="utf-8")
     train = (path / "train.txt").read_text(encoding="utf-8")
     heldout = (path / "heldout.txt").read_text(encoding="utf-8")

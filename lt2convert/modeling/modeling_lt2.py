@@ -7,7 +7,10 @@ Self-contained (imports nothing else from lt2convert) because exported checkpoin
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +20,36 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_lt2 import LT2Config, OuroConfig
+
+
+@functools.cache
+def mixer_kernels() -> SimpleNamespace:
+    """The linear-time mixer kernels, imported on first use: lt2convert's when installed, else the flat copy an
+    exported checkpoint ships beside this file (so the export loads without lt2convert)."""
+    try:
+        from lt2convert.kernels import (
+            dsa,
+            dsa_step,
+            gated_delta_rule,
+            gated_delta_rule_step,
+            sliding_window_attention,
+        )
+    except ImportError:
+        from .lt2_kernels import (
+            dsa,
+            dsa_step,
+            gated_delta_rule,
+            gated_delta_rule_step,
+            sliding_window_attention,
+        )
+    return SimpleNamespace(
+        dsa=dsa,
+        dsa_step=dsa_step,
+        gated_delta_rule=gated_delta_rule,
+        gated_delta_rule_step=gated_delta_rule_step,
+        sliding_window_attention=sliding_window_attention,
+    )
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Norms and rotary embeddings
@@ -95,7 +128,9 @@ class MixerContext:
     past_length: int
 
 
-def causal_attention_mask(ctx: MixerContext, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor | None:
+def causal_attention_mask(
+    ctx: MixerContext, q_len: int, kv_len: int, device: torch.device
+) -> torch.Tensor | None:
     """Boolean [B|1, 1, q_len, kv_len] mask (True = attend), or None when plain `is_causal` suffices."""
     if ctx.key_padding_mask is None and (ctx.past_length == 0 or q_len == 1):
         return None
@@ -125,7 +160,9 @@ class LT2Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.o_proj_bias)
 
-    def project_qkv(self, x: torch.Tensor, ctx: MixerContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project_qkv(
+        self, x: torch.Tensor, ctx: MixerContext
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> q [B, heads, S, D], k/v [B, kv_heads, S, D], RoPE applied to q and k."""
         bsz, seq, _ = x.shape
         q = self.q_proj(x).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
@@ -143,13 +180,277 @@ class LT2Attention(nn.Module):
             state["k"], state["v"] = k, v
         mask = causal_attention_mask(ctx, seq, k.shape[2], x.device)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1, scale=self.scaling,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None and seq > 1,
+            scale=self.scaling,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
         return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, -1))
 
 
-MIXER_CLASSES: dict[str, type[nn.Module]] = {"full_attention": LT2Attention}
+def no_padding(ctx: MixerContext, mixer: str) -> None:
+    if ctx.key_padding_mask is not None:
+        raise NotImplementedError(
+            f"{mixer} layers do not take padded batches yet; run with batch size 1 or unpadded inputs"
+        )
+
+
+def decode_token_by_token(step, x_len: int, *tensors: torch.Tensor) -> torch.Tensor:
+    """Run a one-token `step(*slices)` over each new position: the exact path for a prompt appended to a
+    non-empty cache (rare: chunked prefill), reusing the decoding code instead of a second prefill variant."""
+    outs = [step(*(t[:, i : i + 1] for t in tensors)) for i in range(x_len)]
+    return torch.cat(outs, dim=1)
+
+
+class LT2SlidingWindowAttention(LT2Attention):
+    """Attention over the last `swa_window` tokens (the current one included); the cache is a ring buffer of
+    at most `window` entries per slot, so decoding state stops growing once the window is full."""
+
+    def __init__(self, config: LT2Config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.window = config.swa_window
+
+    def forward(self, x: torch.Tensor, ctx: MixerContext, state: dict | None) -> torch.Tensor:
+        no_padding(ctx, "swa")
+        bsz, seq, _ = x.shape
+        q, k, v = self.project_qkv(x, ctx)  # [B, heads, S, D]
+        if state is not None and state.get("tokens", 0) > 0:
+            out = decode_token_by_token(
+                lambda *t: self.attend_cached(*t, state),
+                seq,
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+            )
+        else:
+            out = mixer_kernels().sliding_window_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.window, scale=self.scaling
+            )
+            if state is not None:
+                self.store_window(state, k, v)
+        return self.o_proj(out.reshape(bsz, seq, -1))
+
+    def store_window(self, state: dict, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keep the last `window` keys/values, token t at ring index t % window."""
+        seq = k.shape[2]
+        keep = min(seq, self.window)
+        positions = torch.arange(seq - keep, seq, device=k.device)
+        order = torch.argsort(positions % self.window)
+        state["k"] = k[:, :, seq - keep :][:, :, order].contiguous()
+        state["v"] = v[:, :, seq - keep :][:, :, order].contiguous()
+        state["tokens"] = seq
+
+    def attend_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: dict) -> torch.Tensor:
+        """One token [B, 1, H, D]: write its key/value into the ring, attend over every entry held."""
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        slot = state["tokens"] % self.window
+        if state["k"].shape[2] < self.window:  # still filling: entries are in token order
+            state["k"] = torch.cat([state["k"], k], dim=2)
+            state["v"] = torch.cat([state["v"], v], dim=2)
+        else:  # softmax is order-free and RoPE is already in the keys, so overwriting the oldest is exact
+            state["k"][:, :, slot] = k[:, :, 0]
+            state["v"][:, :, slot] = v[:, :, 0]
+        state["tokens"] += 1
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            state["k"],
+            state["v"],
+            scale=self.scaling,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return out.transpose(1, 2)
+
+
+class LT2LightningIndexer(nn.Module):
+    """DeepSeek-V3.2's lightning indexer: a few index heads score every causal key with one shared index key.
+    RoPE over the index dims (when they match the attention head dim) keeps relative position in the scores."""
+
+    def __init__(self, config: LT2Config):
+        super().__init__()
+        self.n_heads, self.head_dim = config.dsa_index_n_heads, config.dsa_index_head_dim
+        self.wq = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.hidden_size, self.head_dim, bias=False)
+        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
+        self.use_rope = self.head_dim == config.head_dim
+
+    def forward(self, x: torch.Tensor, ctx: MixerContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> q_idx [B, S, HI, DI], k_idx [B, S, DI], w_idx [B, S, HI]."""
+        bsz, seq, _ = x.shape
+        q_idx = self.wq(x).view(bsz, seq, self.n_heads, self.head_dim)
+        k_idx = self.wk(x)
+        if self.use_rope:
+            q_idx = apply_rotary(q_idx.transpose(1, 2), ctx.cos, ctx.sin).transpose(1, 2)
+            k_idx = apply_rotary(k_idx[:, None], ctx.cos, ctx.sin)[:, 0]
+        w_idx = self.weights_proj(x) * self.n_heads**-0.5
+        return q_idx, k_idx, w_idx
+
+
+class LT2SparseAttention(LT2Attention):
+    """DeepSeek sparse attention: the attention's own q/k/v/o over the top-k keys its indexer selects
+    (selection shared across query heads). Keeps the full KV cache plus one index key per token."""
+
+    def __init__(self, config: LT2Config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.topk = config.dsa_topk
+        self.indexer = LT2LightningIndexer(config)
+
+    def forward(self, x: torch.Tensor, ctx: MixerContext, state: dict | None) -> torch.Tensor:
+        no_padding(ctx, "dsa")
+        bsz, seq, _ = x.shape
+        q, k, v = (t.transpose(1, 2) for t in self.project_qkv(x, ctx))  # [B, S, heads, D]
+        q_idx, k_idx, w_idx = self.indexer(x, ctx)
+        if state is not None and "k" in state:
+            out = decode_token_by_token(
+                lambda *t: self.attend_cached(*t, state), seq, q, k, v, q_idx, k_idx, w_idx
+            )
+        else:
+            out = mixer_kernels().dsa(q, k, v, q_idx, k_idx, w_idx, topk=self.topk, scale=self.scaling)
+            if state is not None:
+                state["k"], state["v"], state["k_idx"] = k, v, k_idx
+        return self.o_proj(out.reshape(bsz, seq, -1))
+
+    def attend_cached(self, q, k, v, q_idx, k_idx, w_idx, state: dict) -> torch.Tensor:
+        """One token: append its keys, then attend over the top-k of the whole cache."""
+        state["k"] = torch.cat([state["k"], k], dim=1)
+        state["v"] = torch.cat([state["v"], v], dim=1)
+        state["k_idx"] = torch.cat([state["k_idx"], k_idx], dim=1)
+        return mixer_kernels().dsa_step(
+            q, state["k"], state["v"], q_idx, state["k_idx"], w_idx, topk=self.topk, scale=self.scaling
+        )
+
+
+class LT2ShortConvolution(nn.Module):
+    """fla's ShortConvolution: causal depthwise conv over time followed by SiLU; weight [C, 1, K]."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
+        self.kernel_size = kernel_size
+
+    def forward(self, x: torch.Tensor, state: dict | None, key: str) -> torch.Tensor:
+        """x [B, S, C]; the last K-1 inputs are kept in state[key] ([B, C, K-1]) for the next call."""
+        x = x.transpose(1, 2)
+        history = state.get(key) if state is not None else None
+        if history is None:
+            history = x.new_zeros(x.shape[0], x.shape[1], self.kernel_size - 1)
+        padded = torch.cat([history.to(x.dtype), x], dim=-1)
+        if state is not None:
+            state[key] = padded[..., -(self.kernel_size - 1) :].contiguous()
+        out = F.conv1d(padded, self.weight.to(x.dtype), groups=x.shape[1])
+        return F.silu(out).transpose(1, 2)
+
+
+class LT2GatedRMSNorm(nn.Module):
+    """fla's FusedRMSNormGated: RMSNorm(o)·w ⊙ SiLU(gate), in fp32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        x = o.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        if gate is not None:
+            x = x * F.silu(gate.float())
+        return x.to(o.dtype)
+
+
+class LT2GatedDeltaNet(nn.Module):
+    """Gated DeltaNet with fla's parameter names (`fla.layers.GatedDeltaNet`), so checkpoints interoperate.
+
+    Per (step, layer) slot it keeps the recurrent state [B, heads, dk, dv] (fp32) and the short-conv inputs.
+    """
+
+    NORM_EPS = 1e-5  # fla's default for o_norm
+
+    def __init__(self, config: LT2Config, layer_idx: int):
+        super().__init__()
+        h = config.hidden_size
+        self.num_heads, self.head_k_dim = config.gdn_num_heads, config.gdn_head_k_dim
+        self.head_v_dim = int(self.head_k_dim * config.gdn_expand_v)
+        key_dim, value_dim = self.num_heads * self.head_k_dim, self.num_heads * self.head_v_dim
+        self.allow_neg_eigval = config.gdn_allow_neg_eigval
+        self.q_proj = nn.Linear(h, key_dim, bias=False)
+        self.k_proj = nn.Linear(h, key_dim, bias=False)
+        self.v_proj = nn.Linear(h, value_dim, bias=False)
+        self.a_proj = nn.Linear(h, self.num_heads, bias=False)
+        self.b_proj = nn.Linear(h, self.num_heads, bias=False)
+        self.A_log = nn.Parameter(torch.empty(self.num_heads))
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
+        self.use_short_conv = config.gdn_use_short_conv
+        if self.use_short_conv:
+            self.q_conv1d = LT2ShortConvolution(key_dim, config.gdn_conv_size)
+            self.k_conv1d = LT2ShortConvolution(key_dim, config.gdn_conv_size)
+            self.v_conv1d = LT2ShortConvolution(value_dim, config.gdn_conv_size)
+        self.use_gate = config.gdn_use_gate
+        if self.use_gate:
+            self.g_proj = nn.Linear(h, value_dim, bias=False)
+        self.o_norm = LT2GatedRMSNorm(self.head_v_dim, self.NORM_EPS)
+        self.o_proj = nn.Linear(value_dim, h, bias=False)
+
+    def mix_inputs(self, x: torch.Tensor, state: dict | None) -> tuple[torch.Tensor, ...]:
+        """q, k [B, S, heads, dk], v [B, S, heads, dv] after the short convolutions and SiLU."""
+        bsz, seq, _ = x.shape
+        if self.use_short_conv:
+            q = self.q_conv1d(self.q_proj(x), state, "conv_q")
+            k = self.k_conv1d(self.k_proj(x), state, "conv_k")
+            v = self.v_conv1d(self.v_proj(x), state, "conv_v")
+        else:  # fla applies SiLU even without the convolution
+            q, k, v = F.silu(self.q_proj(x)), F.silu(self.k_proj(x)), F.silu(self.v_proj(x))
+        return (
+            q.view(bsz, seq, self.num_heads, self.head_k_dim),
+            k.view(bsz, seq, self.num_heads, self.head_k_dim),
+            v.view(bsz, seq, self.num_heads, self.head_v_dim),
+        )
+
+    def decay_and_beta(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """g = −exp(A_log)·softplus(a_proj(x) + dt_bias) (log-space decay ≤ 0) and β = sigmoid(b_proj(x))."""
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        beta = torch.sigmoid(self.b_proj(x).float())
+        return g, beta * 2.0 if self.allow_neg_eigval else beta
+
+    def forward(self, x: torch.Tensor, ctx: MixerContext, state: dict | None) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        pad = ctx.key_padding_mask
+        if pad is not None:  # padded positions must leave no trace: zero conv input, no decay, no update
+            x = x * pad[:, -seq:, None].to(x.dtype)
+        q, k, v = self.mix_inputs(x, state)
+        g, beta = self.decay_and_beta(x)
+        if pad is not None:
+            real = pad[:, -seq:, None].to(g.dtype)
+            g, beta = g * real, beta * real
+        previous = state.get("recurrent") if state is not None else None
+        if seq == 1 and previous is not None:
+            o, final = mixer_kernels().gated_delta_rule_step(
+                q, k, v, g, beta, previous, use_qk_l2norm_in_kernel=True
+            )
+        else:
+            o, final = mixer_kernels().gated_delta_rule(
+                q,
+                k,
+                v,
+                g,
+                beta,
+                initial_state=previous,
+                output_final_state=state is not None,
+                use_qk_l2norm_in_kernel=True,
+            )
+        if state is not None:
+            state["recurrent"] = final
+        gate = self.g_proj(x).view(bsz, seq, self.num_heads, self.head_v_dim) if self.use_gate else None
+        return self.o_proj(self.o_norm(o, gate).reshape(bsz, seq, -1))
+
+
+MIXER_CLASSES: dict[str, type[nn.Module]] = {
+    "full_attention": LT2Attention,
+    "swa": LT2SlidingWindowAttention,
+    "dsa": LT2SparseAttention,
+    "gdn": LT2GatedDeltaNet,
+}
 
 
 def build_mixer(config: LT2Config, layer_idx: int) -> nn.Module:
@@ -244,7 +545,9 @@ class LoopedCache(Cache):
         return len(self.slots)
 
     def __repr__(self) -> str:
-        return f"LoopedCache(steps={self.num_steps}, layers={self.num_layers}, seen_tokens={self.seen_tokens})"
+        return (
+            f"LoopedCache(steps={self.num_steps}, layers={self.num_layers}, seen_tokens={self.seen_tokens})"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -281,11 +584,28 @@ class LT2PreTrainedModel(PreTrainedModel):
             module.weight.fill_(1.0)
         elif isinstance(module, LT2RotaryEmbedding):
             module.inv_freq.copy_(rope_inverse_frequencies(self.config)[0])
+        elif isinstance(module, LT2GatedRMSNorm):
+            module.weight.fill_(1.0)
+        elif isinstance(module, LT2ShortConvolution):
+            nn.init.kaiming_uniform_(module.weight, a=5**0.5)  # nn.Conv1d's default, as fla uses
+        elif isinstance(module, LT2GatedDeltaNet):
+            init_gdn_decay(module.A_log, module.dt_bias)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         # Our forward creates its own L·T-slot LoopedCache; a DynamicCache has L slots and would be wrong.
         return False
+
+
+def init_gdn_decay(a_log: torch.Tensor, dt_bias: torch.Tensor) -> None:
+    """fla's defaults: A ~ U(0, 16), A_log = log A; dt log-uniform in [1e-3, 1e-1] (floor 1e-4) and
+    dt_bias = softplus⁻¹(dt) so that softplus(dt_bias) = dt at initialisation."""
+    a_log.copy_(torch.empty_like(a_log, dtype=torch.float32).uniform_(0, 16).log())
+    dt = torch.exp(
+        torch.rand_like(dt_bias, dtype=torch.float32) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)
+    )
+    dt = dt.clamp(min=1e-4)
+    dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
 
 def exit_distribution(gate_logits: list[torch.Tensor]) -> torch.Tensor:
@@ -348,7 +668,11 @@ class LT2Model(LT2PreTrainedModel):
         return steps, self.exit_probs(steps), cache
 
     def mixer_context(
-        self, h: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, past: int
+        self,
+        h: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        past: int,
     ) -> MixerContext:
         seq = h.shape[1]
         padding = None
@@ -413,8 +737,12 @@ class LT2ForCausalLM(LT2PreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> LoopedOutput:
         steps, probs, cache = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-            inputs_embeds=inputs_embeds, use_cache=use_cache,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
         )
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         kept = [h[:, keep] for h in steps]
@@ -423,10 +751,15 @@ class LT2ForCausalLM(LT2PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+                logits[:, :-1].flatten(0, 1).float(),
+                labels[:, 1:].flatten().to(logits.device),
+                ignore_index=-100,
             )
         return LoopedOutput(
-            loss=loss, logits=logits, cache=cache if use_cache is not False else None, exit_probs=probs,
+            loss=loss,
+            logits=logits,
+            cache=cache if use_cache is not False else None,
+            exit_probs=probs,
             step_hidden_states=tuple(steps) if output_step_hidden_states else None,
         )
 
