@@ -60,6 +60,196 @@ def inspect(source: str, as_json: bool) -> None:
     print_inspect(report)
 
 
+PLAN_EXAMPLES = """
+\b
+Examples:
+  lt2convert plan ouro-1.4b                               # default recipe: Full+GDN 1:4, cost table
+  lt2convert plan ouro-1.4b --recipe ouro-1.4b-gdn-dsa -o plan.yaml
+  lt2convert plan ouro-1.4b --mix full_attention:1,gdn:4 --placement ends --json
+  lt2convert plan ouro-1.4b --layers 0,11,23 --mix dsa:1  # listed layers full, the rest DSA
+  lt2convert plan ./my-checkpoint --plan plan.yaml        # check and cost a hand-edited plan
+"""
+
+
+def context_length(text: str) -> int:
+    """8192, 8K or 8k -> 8192."""
+    scale = 1024 if text[-1:] in ("k", "K") else 1
+    digits = text[:-1] if scale > 1 else text
+    if not digits.isdigit():
+        raise click.BadParameter(f"{text!r} is not a token count such as 8192 or 8K")
+    return int(digits) * scale
+
+
+@main.command(epilog=PLAN_EXAMPLES)
+@click.argument("source")
+@click.option("--recipe", help="A shipped recipe name or a recipe YAML file (default: ouro-1.4b-full-gdn).")
+@click.option("--mix", help="Mixer ratio, e.g. full_attention:1,gdn:4, or all-gdn, all-dsa, all-swa, gdn-dsa.")
+@click.option(
+    "--placement",
+    type=click.Choice(["interleave", "ends", "explicit"]),
+    help="interleave: evenly spaced; ends: first and last layers full; explicit: --layers.",
+)
+@click.option(
+    "--layers",
+    help="Explicit layers: 4,9,14,19 (full attention) or 0:full_attention,5:dsa; the other "
+    "layers get the mix's one non-full mixer (gdn by default).",
+)
+@click.option(
+    "--plan",
+    "plan_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Check an existing plan.yaml against SOURCE and cost it instead of making a new plan.",
+)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the plan to this YAML file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan and its costs as JSON.")
+@click.option(
+    "--device",
+    type=click.Choice(["h100", "h200", "a100", "cpu"]),
+    default="h100",
+    show_default=True,
+    help="Roofline device for the decoding projection.",
+)
+@click.option("--tflops", type=float, help="Peak dense TFLOP/s, replacing the device's figure.")
+@click.option("--gbps", type=float, help="Memory bandwidth in GB/s (10^9 bytes/s), replacing the device's figure.")
+@click.option("--batch", type=int, default=8, show_default=True, help="Sequences decoded together.")
+@click.option(
+    "--context",
+    "contexts",
+    multiple=True,
+    type=context_length,
+    help="Context for prefill and decoding costs; repeatable (default: 8K and 32K).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["bf16", "fp16", "fp32"]),
+    default="bf16",
+    show_default=True,
+    help="Weight and cache dtype for the byte counts.",
+)
+@fail_cleanly
+def plan(
+    source: str,
+    recipe,
+    mix,
+    placement,
+    layers,
+    plan_file,
+    output,
+    as_json: bool,
+    device: str,
+    tflops,
+    gbps,
+    batch: int,
+    contexts: tuple[int, ...],
+    dtype: str,
+) -> None:
+    """Choose which layers of SOURCE become GDN, DSA or SWA, write plan.yaml, and compare costs."""
+    from lt2convert.plan import DECODE_CONTEXTS
+    from lt2convert.plan import plan as make_plan
+
+    report = make_plan(
+        source,
+        recipe=recipe,
+        mix=mix,
+        placement=placement,
+        layers=layers,
+        plan_file=plan_file,
+        output=output,
+        device=device,
+        tflops=tflops,
+        gbps=gbps,
+        batch=batch,
+        contexts=contexts or DECODE_CONTEXTS,
+        dtype=dtype,
+    )
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    from lt2convert.render import print_plan
+
+    print_plan(report)
+
+
+CONVERT_EXAMPLES = """
+\b
+Examples:
+  lt2convert plan ouro-1.4b -o plan.yaml
+  lt2convert convert ouro-1.4b --plan plan.yaml -o ouro-hybrid
+  lt2convert convert ./ckpt --plan plan.yaml -o out --dtype fp32 --init-gdn-norm unit
+"""
+
+
+def parse_size(text: str) -> int:
+    units = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "B": 1}
+    upper = text.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if upper.endswith(unit) and upper[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(upper[: -len(unit)]) * factor)
+    raise click.BadParameter(f"{text!r}: expected a size such as 500MB or 2GB")
+
+
+@main.command(epilog=CONVERT_EXAMPLES)
+@click.argument("source")
+@click.option("--plan", "plan_file", required=True, type=click.Path(dir_okay=False), help="plan.yaml from `plan`.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="Output dtype (default: the source's).")
+@click.option("--init-gdn-conv", type=click.Choice(["identity", "fla"]), default=None)
+@click.option("--init-gdn-decay", type=click.Choice(["multiscale", "fla", "calibrate"]), default=None)
+@click.option("--init-gdn-norm", type=click.Choice(["unit", "calibrate"]), default=None)
+@click.option("--init-dsa-heads", type=click.Choice(["spread", "calibrate"]), default=None)
+@click.option("--seed", type=int, default=None, help="Seed of the random parts of the initialisation.")
+@click.option(
+    "--calibration",
+    type=click.Path(dir_okay=False),
+    help="Text for the calibrate inits (default: the Shakespeare training split, `fetch-asset shakespeare`).",
+)
+@click.option("--calibration-tokens", type=int, default=512, show_default=True, help="Tokens per calibration window.")
+@click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
+@fail_cleanly
+def convert(
+    source,
+    plan_file,
+    output,
+    dtype,
+    init_gdn_conv,
+    init_gdn_decay,
+    init_gdn_norm,
+    init_dsa_heads,
+    seed,
+    calibration,
+    calibration_tokens,
+    max_shard_size,
+    overwrite,
+) -> None:
+    """Convert SOURCE into the LT2 hybrid a plan describes, new mixers initialised from the attention."""
+    from dataclasses import replace
+
+    from lt2convert.convert import InitOptions
+    from lt2convert.convert import convert as run_convert
+
+    chosen = {
+        "gdn_conv": init_gdn_conv,
+        "gdn_decay": init_gdn_decay,
+        "gdn_norm": init_gdn_norm,
+        "dsa_heads": init_dsa_heads,
+        "seed": seed,
+    }
+    init = replace(InitOptions(), **{k: v for k, v in chosen.items() if v is not None})
+    out = run_convert(
+        source,
+        plan_file,
+        output,
+        dtype=dtype,
+        init=init,
+        calibration=calibration,
+        calibration_tokens=calibration_tokens,
+        overwrite=overwrite,
+        max_shard_bytes=parse_size(max_shard_size),
+    )
+    click.echo(f"wrote {out}")
+
+
 @main.command("fetch-asset")
 @click.argument("name", type=click.Choice(["smollm2-135m", "shakespeare"]))
 @click.option("--force", is_flag=True, help="Rebuild even if the asset is already cached.")

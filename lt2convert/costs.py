@@ -1,9 +1,13 @@
-"""Memory a looped model's decoding state takes, per mixer, exactly as the runtime allocates it.
+"""What a looped model costs to run: decoding-state memory exactly as the runtime allocates it, FLOPs, memory
+traffic and a roofline projection of decoding speed.
 
 One slot per (loop step, layer). Attention-like mixers grow with the context; GDN keeps a fixed state.
+docs/cost-model.md states the assumptions and compares the projections with LT2's measurements.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, replace
 
 from lt2convert.modeling import LT2Config
 
@@ -35,17 +39,13 @@ def slot_fixed_bytes(config: LT2Config, mixer: str, dtype_bytes: int) -> int:
         return 0
     heads, dk, dv = gdn_dims(config)
     state = heads * dk * dv * RECURRENT_STATE_BYTES
-    conv = (
-        (config.gdn_conv_size - 1) * heads * (2 * dk + dv) * dtype_bytes if config.gdn_use_short_conv else 0
-    )
+    conv = (config.gdn_conv_size - 1) * heads * (2 * dk + dv) * dtype_bytes if config.gdn_use_short_conv else 0
     return state + conv
 
 
 def slot_bytes(config: LT2Config, mixer: str, context: int, dtype_bytes: int) -> int:
     tokens = min(context, config.swa_window) if mixer == "swa" else context
-    return slot_fixed_bytes(config, mixer, dtype_bytes) + tokens * slot_bytes_per_token(
-        config, mixer, dtype_bytes
-    )
+    return slot_fixed_bytes(config, mixer, dtype_bytes) + tokens * slot_bytes_per_token(config, mixer, dtype_bytes)
 
 
 def cache_bytes(config: LT2Config, context: int, dtype: str = "bf16", batch: int = 1) -> int:
@@ -55,7 +55,212 @@ def cache_bytes(config: LT2Config, context: int, dtype: str = "bf16", batch: int
     return batch * config.total_ut_steps * per_step
 
 
+def fixed_state_bytes(config: LT2Config, dtype: str = "bf16") -> int:
+    """Bytes per sequence over all T·L slots that do not grow with the context (GDN's states)."""
+    b = DTYPE_BYTES[dtype]
+    return config.total_ut_steps * sum(slot_fixed_bytes(config, m, b) for m in config.layer_types)
+
+
 def kv_cache_bytes_per_token(config: LT2Config, dtype: str = "bf16") -> int:
     """Bytes per cached token over all T·L slots (growing mixers only; fixed states excluded)."""
     b = DTYPE_BYTES[dtype]
     return config.total_ut_steps * sum(slot_bytes_per_token(config, m, b) for m in config.layer_types)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compute and memory traffic, and a roofline projection of decoding speed.
+#
+# Weights: 2 FLOPs per parameter per token (the matrix-multiply rule; vectors such as norm weights are < 0.1% of
+# the parameters and are counted the same way). The layer stack, the per-step final norm and the exit gate run
+# once per loop step; the LM head runs once per token; the embedding lookup is free. Mixers add the work that
+# depends on the context (attention scores, the indexer, the delta-rule state update) on top of their projections.
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """A roofline device. Rough public figures: real kernels reach 60–90% of them."""
+
+    name: str
+    tflops: float  # peak dense matmul throughput in the cost dtype, 10^12 FLOP/s
+    gbps: float  # memory bandwidth, 10^9 bytes/s
+    memory_gb: float | None  # device memory, 10^9 bytes; None: not modelled
+    note: str
+
+
+HARDWARE = {
+    "h100": Hardware(
+        name="H100 SXM",
+        tflops=989.0,
+        gbps=3350.0,
+        memory_gb=80.0,
+        note="NVIDIA H100 datasheet: 989 TFLOP/s dense BF16 (1979 with 2:4 sparsity), 3.35 TB/s HBM3, 80 GB",
+    ),
+    "h200": Hardware(
+        name="H200 SXM",
+        tflops=989.0,
+        gbps=4800.0,
+        memory_gb=141.0,
+        note="NVIDIA H200 datasheet: H100's compute (989 TFLOP/s dense BF16), 4.8 TB/s HBM3e, 141 GB",
+    ),
+    "a100": Hardware(
+        name="A100 SXM 80GB",
+        tflops=312.0,
+        gbps=2039.0,
+        memory_gb=80.0,
+        note="NVIDIA A100 datasheet: 312 TFLOP/s dense BF16, 2.039 TB/s HBM2e (80 GB SXM)",
+    ),
+    "cpu": Hardware(
+        name="CPU (rough)",
+        tflops=0.17,
+        gbps=20.0,
+        memory_gb=None,
+        note="very rough: 8 AVX2 cores in fp32 and achievable dual-channel DDR bandwidth; measure your machine "
+        "and pass --tflops/--gbps",
+    ),
+}
+
+
+def hardware(device: str = "h100", tflops: float | None = None, gbps: float | None = None) -> Hardware:
+    """A device from HARDWARE, with the figures given explicitly replacing its own (memory is kept)."""
+    if device not in HARDWARE:
+        raise ValueError(f"unknown device {device!r}; expected one of {', '.join(HARDWARE)}")
+    base = HARDWARE[device]
+    for name, value in (("tflops", tflops), ("gbps", gbps)):
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name} must be > 0, got {value}")
+    if tflops is None and gbps is None:
+        return base
+    return replace(
+        base,
+        name=f"{base.name}, custom figures",
+        tflops=base.tflops if tflops is None else tflops,
+        gbps=base.gbps if gbps is None else gbps,
+        note=f"{base.note}; overridden by --tflops/--gbps",
+    )
+
+
+def weight_params(config: LT2Config, params: dict[str, int]) -> tuple[int, int]:
+    """(parameters applied at every loop step, parameters applied once per token), from `parameter_breakdown`."""
+    head = params["embeddings"] if config.tie_word_embeddings else params["lm_head"]
+    per_step = sum(n for component, n in params.items() if component not in ("embeddings", "lm_head"))
+    return per_step, head
+
+
+def causal_pairs(tokens: int, limit: int | None = None) -> int:
+    """Σ_t min(t, limit) over t = 1..tokens: the (query, key) pairs of causal attention over `limit` keys."""
+    if limit is None or tokens <= limit:
+        return tokens * (tokens + 1) // 2
+    return limit * (limit + 1) // 2 + (tokens - limit) * limit
+
+
+def gdn_state_flops(config: LT2Config) -> int:
+    """Delta-rule work per token per slot: decay S (dk·dv), Sᵀk (2·dk·dv), rank-1 update (2·dk·dv), Sᵀq
+    (2·dk·dv). The chunked prefill kernel does about as much plus small intra-chunk terms, ignored here."""
+    heads, dk, dv = gdn_dims(config)
+    return 7 * heads * dk * dv
+
+
+def mixer_decode_flops(config: LT2Config, mixer: str, context: int) -> int:
+    """FLOPs one slot spends on a new token beyond its projections, with `context` tokens cached."""
+    attend = 4 * config.num_attention_heads * config.head_dim  # q·k and p·v per key
+    if mixer == "full_attention":
+        return attend * context
+    if mixer == "swa":
+        return attend * min(context, config.swa_window)
+    if mixer == "dsa":  # the indexer scores every key (ReLU(q·k) per index head, then weighted); top-k ignored
+        return 2 * config.dsa_index_n_heads * (config.dsa_index_head_dim + 1) * context + attend * min(
+            context, config.dsa_topk
+        )
+    if mixer == "gdn":
+        return gdn_state_flops(config)
+    raise ValueError(f"unknown mixer {mixer!r}")
+
+
+def mixer_decode_bytes(config: LT2Config, mixer: str, context: int, dtype_bytes: int) -> int:
+    """Cache bytes one slot reads and writes for a new token, with `context` tokens cached (the new one
+    included): attention reads every cached key/value it attends to and appends one; GDN reads and writes its
+    whole state; DSA reads every index key but only the top-k keys/values."""
+    entry = slot_bytes_per_token(config, mixer, dtype_bytes)
+    if mixer == "full_attention":
+        return (context + 1) * entry
+    if mixer == "swa":
+        return (min(context, config.swa_window) + 1) * entry
+    if mixer == "dsa":
+        index_key = config.dsa_index_head_dim * dtype_bytes
+        return context * index_key + min(context, config.dsa_topk) * (entry - index_key) + entry
+    if mixer == "gdn":
+        return 2 * slot_fixed_bytes(config, mixer, dtype_bytes)
+    raise ValueError(f"unknown mixer {mixer!r}")
+
+
+def mixer_prefill_flops(config: LT2Config, mixer: str, tokens: int) -> int:
+    """FLOPs one slot spends on a `tokens`-long prompt beyond its projections."""
+    attend = 4 * config.num_attention_heads * config.head_dim
+    if mixer == "full_attention":
+        return attend * causal_pairs(tokens)
+    if mixer == "swa":
+        return attend * causal_pairs(tokens, config.swa_window)
+    if mixer == "dsa":
+        indexer = 2 * config.dsa_index_n_heads * (config.dsa_index_head_dim + 1)
+        return indexer * causal_pairs(tokens) + attend * causal_pairs(tokens, config.dsa_topk)
+    if mixer == "gdn":
+        return gdn_state_flops(config) * tokens
+    raise ValueError(f"unknown mixer {mixer!r}")
+
+
+def prefill_flops(config: LT2Config, params: dict[str, int], tokens: int) -> int:
+    """FLOPs of a `tokens`-long prompt through all loop steps, with logits for the last position only (what
+    generation needs)."""
+    per_step, head = weight_params(config, params)
+    mixers = sum(mixer_prefill_flops(config, m, tokens) for m in config.layer_types)
+    return config.total_ut_steps * (2 * per_step * tokens + mixers) + 2 * head
+
+
+@dataclass(frozen=True)
+class DecodeCost:
+    """One decoding step of `batch` sequences, each with `context` tokens cached, under a roofline."""
+
+    context: int
+    batch: int
+    flops_per_token: int
+    bytes_per_token: int  # weights shared by the batch plus this sequence's cache traffic
+    weight_bytes_per_step: int  # read once per layer application for the whole batch
+    cache_bytes_per_token: int  # this sequence's cache reads and writes
+    seconds_per_step: float
+    tokens_per_s: float
+    bound: str  # "memory" or "compute"
+    memory_bytes: int  # weights + the whole batch's cache at `context`
+    fits: bool | None  # within the device's memory (activations and workspace not counted); None: unknown
+
+
+def decode_cost(
+    config: LT2Config, params: dict[str, int], context: int, batch: int, device: Hardware, dtype: str = "bf16"
+) -> DecodeCost:
+    """Time per decoding step = max(FLOPs / peak, bytes / bandwidth): each loop step reads every layer's weights
+    from memory once for the whole batch (the same weights are applied T times per token), and every sequence
+    reads its own cache slots. Activations are assumed to stay on chip."""
+    b = DTYPE_BYTES[dtype]
+    per_step, head = weight_params(config, params)
+    steps = config.total_ut_steps
+    flops = 2 * (steps * per_step + head) + steps * sum(
+        mixer_decode_flops(config, m, context) for m in config.layer_types
+    )
+    cache_traffic = steps * sum(mixer_decode_bytes(config, m, context, b) for m in config.layer_types)
+    weight_bytes = (steps * per_step + head) * b
+    compute_s = batch * flops / (device.tflops * 1e12)
+    memory_s = (weight_bytes + batch * cache_traffic) / (device.gbps * 1e9)
+    seconds = max(compute_s, memory_s)
+    memory = sum(params.values()) * b + cache_bytes(config, context, dtype, batch)
+    return DecodeCost(
+        context=context,
+        batch=batch,
+        flops_per_token=flops,
+        bytes_per_token=weight_bytes // batch + cache_traffic,
+        weight_bytes_per_step=weight_bytes,
+        cache_bytes_per_token=cache_traffic,
+        seconds_per_step=seconds,
+        tokens_per_s=batch / seconds,
+        bound="memory" if memory_s >= compute_s else "compute",
+        memory_bytes=memory,
+        fits=None if device.memory_gb is None else memory <= device.memory_gb * 1e9,
+    )

@@ -68,3 +68,80 @@ def print_inspect(report: dict) -> None:
         for f in files["files"]:
             console.print(f"file {f['name']}: {human_bytes(f['bytes'])}")
         console.print(f"{files['tensors']} tensors, stored dtypes {files['tensor_dtypes']}")
+
+
+MIXER_LETTERS = {"full_attention": "F", "gdn": "G", "dsa": "D", "swa": "S"}
+
+
+def human_flops(n: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} FLOP"
+
+
+def ratio(source: float, plan: float) -> str:
+    return f"×{plan / source:.2f}" if source else ""
+
+
+def print_plan(report: dict) -> None:
+    console = Console()
+    source, strategy, cost = report["source"], report["strategy"], report["cost"]
+    pinned = f" @ {source['revision'][:8]}" if source["revision"] else ""
+    where = f" ({source['hub_id']}{pinned})" if source["hub_id"] else ""
+    mix = ",".join(f"{m}:{w}" for m, w in strategy["params"].get("mix", {}).items())
+    recipe = f", recipe {strategy['recipe']}" if strategy["recipe"] else ""
+    console.print(f"[bold]plan for {source['id']}{where}[/bold]: {strategy['name']}, mix {mix}{recipe}")
+    letters = " ".join(MIXER_LETTERS[layer["mixer"]] for layer in report["layers"])
+    console.print(f"layers 0..{len(report['layers']) - 1}: {letters}   (F full_attention, G gdn, D dsa, S swa)")
+    counts = cost["plan"]["mixer_layers"]
+    converted = len(report["layers"]) - counts.get("full_attention", 0)
+    console.print(f"{converted} of {len(report['layers'])} layers converted: "
+                  + ", ".join(f"{m} ×{n}" for m, n in counts.items()))
+    for mixer, settings in report["mixers"].items():
+        console.print(f"{mixer}: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+
+    src, dst, assumptions = cost["source"], cost["plan"], cost["assumptions"]
+    table = Table(title=f"cost: source vs plan ({assumptions['dtype']})")
+    for column in ("", "source", "plan", "change"):
+        table.add_column(column, justify="left" if not column else "right")
+    table.add_row("parameters", f"{src['params_total']:,}", f"{dst['params_total']:,}",
+                  f"{dst['params_total'] - src['params_total']:+,}")
+    for component, delta in cost["params_delta"].items():
+        table.add_row(f"  {component}", f"{src['params_by_component'].get(component, 0):,}",
+                      f"{dst['params_by_component'].get(component, 0):,}", f"{delta:+,}")
+    per_token = src["cache_bytes_per_token"], dst["cache_bytes_per_token"]
+    table.add_row("cache / token", *map(human_bytes, per_token), ratio(*per_token))
+    table.add_row("fixed state / sequence", *(human_bytes(side["cache_fixed_bytes"]) for side in (src, dst)))
+    for tokens, before in src["cache_bytes_at_context"].items():
+        after = dst["cache_bytes_at_context"][tokens]
+        table.add_row(f"cache / sequence @ {int(tokens):,}", human_bytes(before), human_bytes(after),
+                      ratio(before, after))
+    for tokens, before in src["prefill_flops"].items():
+        after = dst["prefill_flops"][tokens]
+        table.add_row(f"prefill @ {int(tokens):,}", human_flops(before), human_flops(after), ratio(before, after))
+    console.print(table)
+
+    device = assumptions["device"]
+    memory = f", {device['memory_gb']:.0f} GB" if device["memory_gb"] else ""
+    decode = Table(title=f"decoding, batch {assumptions['batch']}, {device['name']} "
+                         f"({device['tflops']:g} TFLOP/s, {device['gbps']:g} GB/s{memory})")
+    decode.add_column("context", justify="right")
+    decode.add_column("model")
+    for column in ("tokens/s", "speedup", "bytes/token", "FLOPs/token", "bound", "weights+cache", "fits"):
+        decode.add_column(column, justify="right")
+    fits = {True: "yes", False: "no", None: "?"}
+    for tokens, speedup in cost["decode_speedup"].items():
+        for side, figures in (("source", src["decode"][tokens]), ("plan", dst["decode"][tokens])):
+            decode.add_row(
+                f"{int(tokens):,}" if side == "source" else "", side, f"{figures['tokens_per_s']:,.0f}",
+                f"{speedup:.2f}×" if side == "plan" else "", human_bytes(figures["bytes_per_token"]),
+                human_flops(figures["flops_per_token"]), figures["bound"], human_bytes(figures["memory_bytes"]),
+                fits[figures["fits"]], end_section=side == "plan",
+            )
+    console.print(decode)
+    console.print("assumptions (docs/cost-model.md):")
+    for note in [*assumptions["notes"], f"device figures: {device['note']}"]:
+        console.print(f"  - {note}")
+    if report.get("plan_file"):
+        console.print(f"wrote {report['plan_file']}")

@@ -58,7 +58,7 @@ class LT2Config(PreTrainedConfig):
     gdn_use_gate: bool = True
     gdn_allow_neg_eigval: bool = False
     dsa_index_n_heads: int = 4
-    dsa_index_head_dim: int = 64
+    dsa_index_head_dim: int | None = None
     dsa_topk: int = 2048
     swa_window: int = 2048
 
@@ -75,6 +75,12 @@ class LT2Config(PreTrainedConfig):
             self.gdn_num_heads = self.num_attention_heads
         if self.gdn_head_k_dim is None:
             self.gdn_head_k_dim = self.head_dim
+        if self.dsa_index_head_dim is None:
+            # One head-dim block per kv head the index heads use: room for an indexer built from the attention's
+            # own q/k (see convert), with RoPE per block.
+            groups = self.num_attention_heads // self.num_key_value_heads
+            blocks = min(-(-self.dsa_index_n_heads // groups), self.num_key_value_heads)
+            self.dsa_index_head_dim = self.head_dim * blocks
         super().__post_init__(**kwargs)
         self.check_mixers()
 

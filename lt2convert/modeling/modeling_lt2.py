@@ -265,25 +265,35 @@ class LT2SlidingWindowAttention(LT2Attention):
 
 
 class LT2LightningIndexer(nn.Module):
-    """DeepSeek-V3.2's lightning indexer: a few index heads score every causal key with one shared index key.
-    RoPE over the index dims (when they match the attention head dim) keeps relative position in the scores."""
+    """DeepSeek-V3.2's lightning indexer: a few index heads score every causal key against one shared index key.
+
+    When the index dim is a multiple of the attention head dim, RoPE is applied per head-dim block, so an
+    indexer built from attention heads' own q/k (one block per head) scores keys with their true relative
+    positions.
+    """
 
     def __init__(self, config: LT2Config):
         super().__init__()
         self.n_heads, self.head_dim = config.dsa_index_n_heads, config.dsa_index_head_dim
         self.wq = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(config.hidden_size, self.head_dim, bias=False)
-        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
-        self.use_rope = self.head_dim == config.head_dim
+        # A bias lets a converted indexer start with constant positive head weights (DeepSeek's has none).
+        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=True)
+        self.rope_block = config.head_dim if self.head_dim % config.head_dim == 0 else None
+
+    def rotate(self, x: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
+        """x [B, S, ..., DI] -> RoPE applied to each head-dim block of the last axis."""
+        if self.rope_block is None:
+            return x
+        shape = x.shape
+        blocks = x.reshape(shape[0], shape[1], -1, self.rope_block).transpose(1, 2)  # [B, blocks, S, D]
+        return apply_rotary(blocks, ctx.cos, ctx.sin).transpose(1, 2).reshape(shape)
 
     def forward(self, x: torch.Tensor, ctx: MixerContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> q_idx [B, S, HI, DI], k_idx [B, S, DI], w_idx [B, S, HI]."""
         bsz, seq, _ = x.shape
-        q_idx = self.wq(x).view(bsz, seq, self.n_heads, self.head_dim)
-        k_idx = self.wk(x)
-        if self.use_rope:
-            q_idx = apply_rotary(q_idx.transpose(1, 2), ctx.cos, ctx.sin).transpose(1, 2)
-            k_idx = apply_rotary(k_idx[:, None], ctx.cos, ctx.sin)[:, 0]
+        q_idx = self.rotate(self.wq(x).view(bsz, seq, self.n_heads, self.head_dim), ctx)
+        k_idx = self.rotate(self.wk(x), ctx)
         w_idx = self.weights_proj(x) * self.n_heads**-0.5
         return q_idx, k_idx, w_idx
 
@@ -317,9 +327,11 @@ class LT2SparseAttention(LT2Attention):
         state["k"] = torch.cat([state["k"], k], dim=1)
         state["v"] = torch.cat([state["v"], v], dim=1)
         state["k_idx"] = torch.cat([state["k_idx"], k_idx], dim=1)
-        return mixer_kernels().dsa_step(
-            q, state["k"], state["v"], q_idx, state["k_idx"], w_idx, topk=self.topk, scale=self.scaling
+        out = mixer_kernels().dsa_step(  # one query: [B, heads, D] without the time axis
+            q[:, 0], state["k"], state["v"], q_idx[:, 0], state["k_idx"], w_idx[:, 0], topk=self.topk,
+            scale=self.scaling,
         )
+        return out[:, None]
 
 
 class LT2ShortConvolution(nn.Module):
@@ -425,9 +437,10 @@ class LT2GatedDeltaNet(nn.Module):
             g, beta = g * real, beta * real
         previous = state.get("recurrent") if state is not None else None
         if seq == 1 and previous is not None:
-            o, final = mixer_kernels().gated_delta_rule_step(
-                q, k, v, g, beta, previous, use_qk_l2norm_in_kernel=True
+            o, final = mixer_kernels().gated_delta_rule_step(  # one token: [B, H, D] without the time axis
+                q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], previous, use_qk_l2norm_in_kernel=True
             )
+            o = o[:, None]
         else:
             o, final = mixer_kernels().gated_delta_rule(
                 q,

@@ -1,0 +1,107 @@
+"""CUDA check: fla's Triton GDN (our CUDA dispatch) against our CPU path in bf16, then the bench on CUDA.
+
+    python -m lt2convert.kernels.gpu_check [--quick]
+
+Errors are fla's own test metric, the RMS error ratio ``rms(ours - ref) / rms(ref)``, with the limits of
+fla's GDN tests: 5e-3 for outputs and final states, 8e-3 for gradients, 2e-2 for the gate and beta gradients.
+The reference is the CPU chunked path fed the same bf16 values in fp32 (itself tested against fla's naive
+recurrence to 1e-5). Exits non-zero on a failed check, and before doing anything without CUDA or fla.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from .bench import run_kernel_bench
+from .gdn import gated_delta_rule
+
+RATIO_LIMITS = {
+    "o": 5e-3,
+    "final_state": 5e-3,
+    "dq": 8e-3,
+    "dk": 8e-3,
+    "dv": 8e-3,
+    "dh0": 8e-3,
+    "dg": 2e-2,
+    "dbeta": 2e-2,
+}
+
+# (B, T, H, K, V): T values that are not multiples of fla's 64-token chunk on purpose.
+SHAPES = [(2, 1000, 4, 128, 128), (1, 4100, 2, 64, 128), (3, 63, 4, 128, 64)]
+
+
+def error_ratio(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """fla's ``get_err_ratio``: RMS of the difference over RMS of the reference."""
+    ours, ref = ours.detach().double().cpu(), ref.detach().double().cpu()
+    return float((ours - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30))
+
+
+def _run(inputs: dict[str, torch.Tensor], l2norm: bool, seed: int) -> dict[str, torch.Tensor]:
+    """Outputs, final state and gradients of a fixed random projection of both, for one device's inputs."""
+    leaves = {name: x.detach().clone().requires_grad_() for name, x in inputs.items()}
+    q, k, v, g, beta, h0 = leaves.values()
+    o, state = gated_delta_rule(
+        q,
+        k,
+        v,
+        F.logsigmoid(g),
+        beta.sigmoid(),
+        initial_state=h0,
+        output_final_state=True,
+        use_qk_l2norm_in_kernel=l2norm,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    d_o, d_state = (torch.randn(x.shape, generator=gen).to(x.device) for x in (o, state))  # fp32 on both
+    ((o.float() * d_o).sum() + (state * d_state).sum()).backward()
+    return {"o": o, "final_state": state, **{f"d{name}": x.grad for name, x in leaves.items()}}
+
+
+def check_gdn(shape: tuple[int, ...], l2norm: bool, seed: int = 0) -> dict[str, float]:
+    """Error ratios of every output and gradient of the CUDA dispatch against the CPU path."""
+    B, T, H, K, V = shape
+    gen = torch.Generator().manual_seed(seed)
+    sizes = {"q": (B, T, H, K), "k": (B, T, H, K), "v": (B, T, H, V), "g": (B, T, H), "beta": (B, T, H)}
+    inputs = {name: torch.randn(size, generator=gen) for name, size in sizes.items()}
+    if not l2norm:  # the kernel then expects unit-norm keys and queries from the caller
+        inputs["q"], inputs["k"] = F.normalize(inputs["q"], dim=-1), F.normalize(inputs["k"], dim=-1)
+    inputs = {name: x.bfloat16() for name, x in inputs.items()}
+    inputs["h0"] = torch.randn(B, H, K, V, generator=gen)
+    cuda = _run({name: x.cuda() for name, x in inputs.items()}, l2norm, seed)
+    cpu = _run({name: x.float() for name, x in inputs.items()}, l2norm, seed)
+    return {name: error_ratio(cuda[name], cpu[name]) for name in cpu}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="the bench's shorter sizes")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_check needs a CUDA GPU: torch.cuda.is_available() is False on this machine.")
+    try:
+        import fla.ops.gated_delta_rule  # noqa: F401  (the dispatch target; its absence would be a fallback)
+    except ImportError as err:
+        raise SystemExit(f"gpu_check needs fla and triton for the CUDA dispatch: {err}") from err
+
+    failures = []
+    device = torch.cuda.get_device_name()
+    print(f"# GDN: CUDA dispatch (fla Triton, bf16) vs CPU chunked path (fp32) on {device}")
+    print(f"# RMS error ratio, limits {RATIO_LIMITS}")
+    for shape in SHAPES:
+        for l2norm in (False, True):
+            for name, ratio in check_gdn(shape, l2norm).items():
+                verdict = "ok" if ratio <= RATIO_LIMITS[name] else "FAIL"
+                print(f"B,T,H,K,V={shape} l2norm={l2norm!s:5} {name:12} {ratio:.2e}  {verdict}")
+                if verdict == "FAIL":
+                    failures.append((shape, l2norm, name, ratio))
+    if failures:
+        raise SystemExit(f"GDN CUDA/CPU check failed for {len(failures)} tensors: {failures}")
+    run_kernel_bench(quick=args.quick, device="cuda")
+
+
+if __name__ == "__main__":
+    main()

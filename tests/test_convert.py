@@ -1,0 +1,229 @@
+"""convert: identity plans reproduce the source, new mixers start from attention, exports load anywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lt2convert import load_model
+from lt2convert.convert import InitOptions, convert_checkpoint, hybrid_config
+from lt2convert.io.checkpoint import LazyCheckpoint
+from lt2convert.loading import load_config
+from lt2convert.testing import llama_config, ouro_config, write_checkpoint
+
+FP32_TOL = 1e-5
+# Tiny test checkpoints have no tokenizer for calibration text; calibration has its own test below.
+UNCALIBRATED = InitOptions(gdn_conv="identity", gdn_norm="unit")
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+
+
+@pytest.fixture(scope="module", params=["ouro", "llama"])
+def source_dir(request, tmp_path_factory):
+    config = ouro_config(num_key_value_heads=2) if request.param == "ouro" else llama_config()
+    return write_checkpoint(tmp_path_factory.mktemp(request.param), config, seed=3)
+
+
+def target(source_dir, layer_types, **settings):
+    config, _ = load_config(source_dir)
+    return hybrid_config(config, {"layer_types": layer_types, **settings})
+
+
+def logits(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(ids, use_cache=False, **kwargs).logits
+
+
+IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def test_all_full_attention_plan_reproduces_the_source_exactly(source_dir, tmp_path):
+    out = convert_checkpoint(
+        source_dir, target(source_dir, ["full_attention"] * 3), tmp_path / "out", init=UNCALIBRATED
+    )
+    assert torch.equal(logits(load_model(out), IDS), logits(load_model(source_dir), IDS))
+    before = LazyCheckpoint(source_dir)
+    after = LazyCheckpoint(out)
+    assert set(after.names()) == set(before.names())
+    assert all(torch.equal(after.get(n), before.get(n)) for n in before.names())
+
+
+def test_dsa_with_topk_covering_the_sequence_equals_the_source(source_dir, tmp_path):
+    hybrid = target(
+        source_dir, ["dsa", "full_attention", "dsa"], dsa_topk=64, dsa_index_n_heads=2, dsa_index_head_dim=32
+    )
+    out = convert_checkpoint(source_dir, hybrid, tmp_path / "out", init=UNCALIBRATED)
+    assert relative_error(logits(load_model(out), IDS), logits(load_model(source_dir), IDS)) <= FP32_TOL
+
+
+def test_gdn_layers_start_from_attention_and_other_tensors_are_untouched(source_dir, tmp_path):
+    out = convert_checkpoint(
+        source_dir, target(source_dir, ["gdn", "full_attention", "gdn"]), tmp_path / "out", init=UNCALIBRATED
+    )
+    source, converted = LazyCheckpoint(source_dir), LazyCheckpoint(out)
+    kept = [n for n in source.names() if not (n.startswith(("model.layers.0.self_attn", "model.layers.2.self_attn")))]
+    assert all(torch.equal(converted.get(n), source.get(n)) for n in kept)
+    assert torch.equal(
+        converted.get("model.layers.0.self_attn.q_proj.weight"), source.get("model.layers.0.self_attn.q_proj.weight")
+    )
+    config = json.loads((out / "config.json").read_text())
+    groups = config["num_attention_heads"] // config["num_key_value_heads"]
+    k_src = source.get("model.layers.2.self_attn.k_proj.weight").view(config["num_key_value_heads"], 16, -1)
+    k_gdn = converted.get("model.layers.2.self_attn.k_proj.weight").view(config["num_attention_heads"], 16, -1)
+    for head in range(config["num_attention_heads"]):  # whole kv heads repeated, query head h -> kv head h // g
+        assert torch.equal(k_gdn[head], k_src[head // groups])
+    conv = converted.get("model.layers.0.self_attn.q_conv1d.weight")
+    assert torch.equal(conv[:, 0, -1], torch.ones(conv.shape[0])) and not conv[:, 0, :-1].any()
+    model = load_model(out)
+    assert torch.isfinite(logits(model, IDS)).all()
+
+
+def test_output_describes_itself(source_dir, tmp_path):
+    plan = {"strategy": "test"}
+    out = convert_checkpoint(
+        source_dir,
+        target(source_dir, ["gdn", "dsa", "full_attention"], dsa_index_n_heads=2, dsa_index_head_dim=32),
+        tmp_path / "out",
+        plan=plan,
+        init=UNCALIBRATED,
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "lt2" and config["layer_types"] == ["gdn", "dsa", "full_attention"]
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_lt2.LT2ForCausalLM"
+    record = json.loads((out / "provenance.json").read_text())
+    assert record["plan"] == plan and record["init"]["gdn_conv"] == "identity"
+    assert set(record["input_sha256"]) == {"config.json", "model.safetensors"}
+    assert all(len(h) == 64 for h in record["input_sha256"].values())
+    for name in ("modeling_lt2.py", "configuration_lt2.py", "lt2_kernels.py", "README.md"):
+        assert (out / name).is_file(), name
+
+
+def test_sharded_output_with_index(source_dir, tmp_path):
+    out = convert_checkpoint(
+        source_dir, target(source_dir, ["gdn"] * 3), tmp_path / "out", max_shard_bytes=60_000, init=UNCALIBRATED
+    )
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    tensors = {}
+    for file in set(index["weight_map"].values()):
+        tensors |= load_file(str(out / file))
+    assert set(tensors) == set(index["weight_map"])
+    assert torch.isfinite(logits(load_model(out), IDS)).all()
+
+
+def test_existing_output_is_not_overwritten(source_dir, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="already exists"):
+        convert_checkpoint(source_dir, target(source_dir, ["gdn"] * 3), tmp_path / "out", init=UNCALIBRATED)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_failed_conversion_leaves_nothing_behind(source_dir, tmp_path, monkeypatch):
+    import lt2convert.export
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(lt2convert.export, "write_export_files", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        convert_checkpoint(source_dir, target(source_dir, ["gdn"] * 3), tmp_path / "out", init=UNCALIBRATED)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_target_with_other_shapes_is_rejected(source_dir, tmp_path):
+    config, _ = load_config(source_dir)
+    wrong = hybrid_config(config, {"layer_types": ["gdn"] * 3, "intermediate_size": 8})
+    with pytest.raises(ValueError, match="intermediate_size"):
+        convert_checkpoint(source_dir, wrong, tmp_path / "out", init=UNCALIBRATED)
+
+
+def test_unknown_init_option_is_rejected():
+    with pytest.raises(ValueError, match="gdn_conv"):
+        InitOptions(gdn_conv="zeros")
+
+
+EXPORT_CHECK = textwrap.dedent(
+    """
+    import importlib.abc, sys
+    class HideLT2(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "lt2convert" or name.startswith("lt2convert."):
+                raise ImportError("lt2convert is hidden")
+    sys.meta_path.insert(0, HideLT2())
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+    assert "lt2convert" not in sys.modules
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                         pad_token_id=0)
+    with torch.no_grad():
+        full = model(out, use_cache=False).logits
+    torch.save({"generated": out, "logits": full}, sys.argv[2])
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "layer_types", [["gdn", "full_attention", "gdn"], ["dsa", "gdn", "dsa"]], ids=["full-gdn", "gdn-dsa"]
+)
+def test_export_loads_and_generates_without_lt2convert(source_dir, tmp_path, layer_types):
+    out = convert_checkpoint(
+        source_dir,
+        target(source_dir, layer_types, dsa_topk=4, dsa_index_n_heads=2, dsa_index_head_dim=32),
+        tmp_path / "out",
+        init=UNCALIBRATED,
+    )
+    script = tmp_path / "check.py"
+    script.write_text(EXPORT_CHECK)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    subprocess.run(
+        [sys.executable, str(script), str(out), str(tmp_path / "result.pt")],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+    )
+    result = torch.load(tmp_path / "result.pt", weights_only=True)
+    ours = load_model(out)
+    expected = ours.generate(
+        result["generated"][:, :8],
+        attention_mask=torch.ones(1, 8, dtype=torch.long),
+        max_new_tokens=6,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    assert torch.equal(result["generated"], expected)
+    assert relative_error(result["logits"], logits(ours, result["generated"])) <= FP32_TOL
+
+
+def test_calibrated_output_scale_brings_gdn_closer_to_attention(source_dir, tmp_path):
+    from lt2convert.calibrate import calibration_stats, mixer_output_errors
+
+    teacher = load_model(source_dir)
+    calib = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    stats = calibration_stats(teacher, calib)
+    assert set(stats) == {0, 1, 2} and all(s.mean_distance.shape == (4,) for s in stats.values())
+    hybrid = target(source_dir, ["gdn", "full_attention", "gdn"])
+    errors = {}
+    for norm in ("unit", "calibrate"):
+        out = convert_checkpoint(source_dir, hybrid, tmp_path / norm, init=InitOptions(gdn_norm=norm), stats=stats)
+        errors[norm] = mixer_output_errors(teacher, load_model(out), IDS)
+    assert set(errors["calibrate"]) == {0, 2}
+    # The least-squares scale can only lower the error on its calibration inputs; on other text it still should.
+    assert all(errors["calibrate"][i] < errors["unit"][i] for i in (0, 2))
+
+
+def test_calibrate_init_without_statistics_is_an_error(source_dir, tmp_path):
+    with pytest.raises(ValueError, match="calibration"):
+        convert_checkpoint(source_dir, target(source_dir, ["gdn"] * 3), tmp_path / "out")
