@@ -206,7 +206,7 @@ class _ChunkRecurrence(torch.autograd.Function):
         v_new = torch.empty_like(u)
         for n in range(N):
             torch.baddbmm(u[n], w[n], states[n], out=v_new[n])
-            torch.baddbmm(states[n] * chunk_decay[n], k_out[n], v_new[n], out=states[n + 1])
+            torch.mul(states[n], chunk_decay[n], out=states[n + 1]).baddbmm_(k_out[n], v_new[n])
         o = _bmm(q, states[:N]).baddbmm_(attn.flatten(0, 1), v_new.flatten(0, 1))
         ctx.save_for_backward(w, q, attn, k_out, chunk_decay, v_new, states)
         return o.view_as(u), states[N].clone()
@@ -226,8 +226,8 @@ class _ChunkRecurrence(torch.autograd.Function):
             torch.bmm(v_new[n], grad_state.mT, out=grad_k[n])
             grad_decay[n] = (grad_state * states[n]).sum((-2, -1), keepdim=True)
             grad_v[n].baddbmm_(k_out[n].mT, grad_state)
-            grad_state = torch.baddbmm(grad_state * chunk_decay[n], q[n].mT, grad_o[n]).baddbmm_(
-                w[n].mT, grad_v[n]
+            grad_state = (
+                (grad_state * chunk_decay[n]).baddbmm_(q[n].mT, grad_o[n]).baddbmm_(w[n].mT, grad_v[n])
             )
         return (
             grad_v,

@@ -147,3 +147,21 @@ def write_checkpoint(
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return folder
+
+
+def write_full_size_ouro(folder: str | Path, *, seed: int = 0, num_layers: int = 24) -> Path:
+    """A random checkpoint with Ouro-1.4B's exact config and tensor shapes (bf16, one model.safetensors of
+    ~2.9 GB), streamed tensor by tensor so writing it needs one tensor's memory. For benchmarks only."""
+    from lt2convert.io.writer import ShardedWriter
+    from lt2convert.presets import preset_config
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {**preset_config("ouro-1.4b"), "num_hidden_layers": num_layers}
+    generator = torch.Generator().manual_seed(seed)
+    writer = ShardedWriter(folder, max_shard_bytes=2**62)
+    for name, shape in checkpoint_shapes(config).items():
+        writer.add(name, random_tensor(name, shape, generator).to(torch.bfloat16))
+    writer.finish()
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder

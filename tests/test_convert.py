@@ -227,3 +227,25 @@ def test_calibrated_output_scale_brings_gdn_closer_to_attention(source_dir, tmp_
 def test_calibrate_init_without_statistics_is_an_error(source_dir, tmp_path):
     with pytest.raises(ValueError, match="calibration"):
         convert_checkpoint(source_dir, target(source_dir, ["gdn"] * 3), tmp_path / "out")
+
+
+def test_cli_plan_then_convert_and_mismatched_plan(tmp_path):
+    from click.testing import CliRunner
+
+    from lt2convert.cli import main
+
+    source = write_checkpoint(tmp_path / "src", ouro_config(num_key_value_heads=2))
+    other = write_checkpoint(tmp_path / "other", ouro_config(num_hidden_layers=4))
+    runner = CliRunner()
+    assert runner.invoke(main, ["plan", str(source), "--recipe", "tiny", "-o", str(tmp_path / "plan.yaml")]).exit_code == 0
+    args = ["--plan", str(tmp_path / "plan.yaml"), "--init-gdn-norm", "unit", "--dtype", "fp32"]
+    result = runner.invoke(main, ["convert", str(source), "-o", str(tmp_path / "out"), *args])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["layer_types"] == ["dsa", "gdn", "full_attention"]
+    mismatch = runner.invoke(main, ["convert", str(other), "-o", str(tmp_path / "out2"), *args])
+    assert mismatch.exit_code == 1
+    assert "num_hidden_layers: the plan was made for 3, the checkpoint has 4" in mismatch.output
+    assert len(mismatch.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out2").exists()
+    again = runner.invoke(main, ["convert", str(source), "-o", str(tmp_path / "out"), *args])
+    assert again.exit_code == 1 and "already exists" in again.output

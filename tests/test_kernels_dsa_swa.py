@@ -22,8 +22,10 @@ DSA_SHAPES = [
     (1, 257, 4, 4, 16, 24, 2, 8, 16, 64, False),
     (1, 200, 8, 1, 16, 16, 4, 16, 48, 7, True),  # MQA, odd block
     (2, 128, 2, 1, 16, 16, 2, 8, 32, 128, True),
-    (1, 300, 2, 1, 16, 16, 1, 8, 120, 32, False),  # one ReLU indexer head: many zero-score ties at the cut
 ]
+# One ReLU indexer head: many exact zero-score ties at the top-k cut, where our rule (most recent key first)
+# and fla's (torch.topk's layout order) legitimately differ.
+TIE_SHAPE = (1, 300, 2, 1, 16, 16, 1, 8, 120, 32, False)
 
 
 def make_dsa_inputs(
@@ -48,6 +50,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 def test_dsa_matches_fla_naive(shape: tuple) -> None:
     B, T, HQ, H, K, V, HI, DI, topk, block, weighted = shape
     q, k, v, q_idx, k_idx, w_idx = make_dsa_inputs(B, T, HQ, H, K, V, HI, DI, weighted, seed=T + topk)
+    # Positive index vectors: no ReLU zeros, so no tied scores, where the two tie rules could differ.
+    q_idx, k_idx = q_idx.abs(), k_idx.abs()
     expected = fla_dsa.naive_dsa(q, k, v, q_idx, k_idx, w_idx, topk=topk)
     torch.testing.assert_close(
         dsa(q, k, v, q_idx, k_idx, w_idx, topk=topk, block_size=block), expected, atol=ATOL, rtol=0
@@ -77,7 +81,27 @@ def test_dsa_with_topk_at_least_t_is_causal_attention(topk: int) -> None:
     )
 
 
-@pytest.mark.parametrize("shape", DSA_SHAPES)
+def test_dsa_ties_go_to_the_most_recent_keys_in_prefill_and_decoding() -> None:
+    B, T, HQ, H, K, V, HI, DI, topk, block, weighted = TIE_SHAPE
+    q, k, v, q_idx, k_idx, w_idx = make_dsa_inputs(B, T, HQ, H, K, V, HI, DI, weighted, seed=T + topk)
+    full = dsa(q, k, v, q_idx, k_idx, w_idx, topk=topk, block_size=block)
+    torch.testing.assert_close(full, dsa_reference(q, k, v, q_idx, k_idx, w_idx, topk=topk), atol=ATOL, rtol=0)
+    scores = torch.einsum("thd,sd->ts", q_idx[0], k_idx[0]).relu()
+    zero_ties = [(t, int((scores[t, : t + 1] > 0).sum())) for t in range(topk, T)]
+    assert any(positive < topk for _, positive in zero_ties), "inputs must put ties at the cut"
+    for t in range(topk, T, 17):  # decoding sees only t + 1 keys; it must pick the same ones
+        step = dsa_step(q[:, t], k[:, : t + 1], v[:, : t + 1], q_idx[:, t], k_idx[:, : t + 1], topk=topk)
+        torch.testing.assert_close(step, full[:, t], atol=ATOL, rtol=0)
+
+
+def test_select_topk_prefers_recent_keys_among_equal_scores() -> None:
+    from lt2convert.kernels.dsa import select_topk
+
+    logits = torch.tensor([[0.0, 2.0, 0.0, -0.0, 0.0, 1.0, float("-inf")]])
+    assert sorted(select_topk(logits, 4)[0].tolist()) == [1, 3, 4, 5]
+
+
+@pytest.mark.parametrize("shape", [*DSA_SHAPES, TIE_SHAPE])
 def test_dsa_step_equals_last_row(shape: tuple) -> None:
     B, T, HQ, H, K, V, HI, DI, topk, _, weighted = shape
     q, k, v, q_idx, k_idx, w_idx = make_dsa_inputs(B, T, HQ, H, K, V, HI, DI, weighted, seed=T * 3)

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,39 +41,71 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64", "int64": "I64",
+                      "int32": "I32", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
 class ShardedWriter:
-    """Accumulate tensors and flush a shard whenever `max_shard_bytes` would be exceeded, so peak memory is one
-    shard plus the tensor group being produced, never the whole model."""
+    """Stream tensors straight into safetensors shards: each tensor's bytes are written as soon as it arrives,
+    into space after a reserved header that is filled in (padded with spaces, as the format allows) when the
+    shard closes. Peak memory is one tensor group, whatever the model or shard size."""
+
+    HEADER_RESERVE = 256 * 1024  # room for ~2,000 tensor entries per shard
 
     def __init__(self, folder: Path, max_shard_bytes: int = 2 * 1024**3):
         self.folder = Path(folder)
         self.max_shard_bytes = max_shard_bytes
-        self.pending: dict = {}
-        self.pending_bytes = 0
         self.shards: list[tuple[str, list[str]]] = []
         self.total_bytes = 0
+        self.handle = None
+        self.entries: dict[str, dict] = {}
+        self.offset = 0
+        self.header_estimate = 0
 
     def add(self, name: str, tensor) -> None:
+        import torch
+
+        tensor = tensor.detach().cpu().contiguous()
         size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
-            self.flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += size
+        entry_size = len(name) + 80 + 12 * tensor.dim()
+        if self.handle is not None and (
+            self.offset + size > self.max_shard_bytes or self.header_estimate + entry_size > self.HEADER_RESERVE
+        ):
+            self.close_shard()
+        if self.handle is None:
+            self.open_shard()
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name}: dtype {dtype} cannot be stored in safetensors")
+        self.handle.write(tensor.view(-1).view(torch.uint8).numpy().data if size else b"")
+        self.entries[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(tensor.shape),
+                              "data_offsets": [self.offset, self.offset + size]}
+        self.offset += size
+        self.header_estimate += entry_size
         self.total_bytes += size
 
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.pending:
-            return
+    def open_shard(self) -> None:
         file = f"shard-{len(self.shards):05d}.safetensors"
-        save_file(self.pending, str(self.folder / file), metadata={"format": "pt"})
-        self.shards.append((file, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+        self.handle = (self.folder / file).open("wb")
+        self.handle.write(b"\0" * (8 + self.HEADER_RESERVE))
+        self.shards.append((file, []))
+        self.entries, self.offset, self.header_estimate = {}, 0, 0
+
+    def close_shard(self) -> None:
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        if len(header) > self.HEADER_RESERVE:
+            raise RuntimeError(f"safetensors header of {len(header)} bytes exceeds the reserved space")
+        self.handle.seek(0)
+        self.handle.write(struct.pack("<Q", self.HEADER_RESERVE) + header.ljust(self.HEADER_RESERVE, b" "))
+        self.handle.close()
+        self.shards[-1] = (self.shards[-1][0], list(self.entries))
+        self.handle = None
 
     def finish(self) -> list[str]:
-        """Name the shards as transformers does and write the index (or a single model.safetensors)."""
-        self.flush()
+        """Close the last shard, name the shards as transformers does, and write the index (or a single
+        model.safetensors)."""
+        if self.handle is not None:
+            self.close_shard()
         if len(self.shards) == 1:
             (self.folder / self.shards[0][0]).rename(self.folder / SINGLE_FILE)
             return [SINGLE_FILE]
