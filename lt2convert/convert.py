@@ -293,14 +293,6 @@ def target_config_dict(target: LT2Config, dtype: torch.dtype) -> dict:
     return data
 
 
-def hybrid_config(source: LT2Config, overrides: dict) -> LT2Config:
-    """The target runtime config: the source's architecture with the plan's layer_types and mixer settings."""
-    data = source.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path"):
-        data.pop(key, None)
-    return LT2Config(**{**data, **overrides})
-
-
 def convert_checkpoint(
     source: str | Path,
     target: LT2Config,

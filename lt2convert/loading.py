@@ -65,6 +65,19 @@ def _llama_family_config(model_type: str, fields: dict) -> LT2Config:
     )
 
 
+def architecture(config: LT2Config) -> dict:
+    """A config's fields without the ones saying where it came from, to build an LT2Config from."""
+    data = config.to_dict()
+    for key in (*_PROVENANCE_KEYS, "_name_or_path"):
+        data.pop(key, None)
+    return data
+
+
+def derive_config(source: LT2Config, overrides: dict) -> LT2Config:
+    """A hybrid's runtime config: the source's architecture with new `layer_types` / mixer settings."""
+    return LT2Config(**{**architecture(source), **overrides, "architectures": ["LT2ForCausalLM"]})
+
+
 def model_class(config: LT2Config) -> type[LT2ForCausalLM]:
     return OuroForCausalLM if isinstance(config, OuroConfig) else LT2ForCausalLM
 

@@ -28,6 +28,7 @@ from lt2convert.costs import (
     kv_cache_bytes_per_token,
     prefill_flops,
 )
+from lt2convert.loading import architecture, derive_config
 from lt2convert.modeling import MIXER_TYPES, LT2Config
 
 PLAN_FORMAT = "lt2convert/plan"
@@ -151,15 +152,7 @@ class Plan:
 def plan_to_config(plan: Plan, source_config: LT2Config) -> LT2Config:
     """The runtime config of the converted model: the source's architecture with the plan's mixers."""
     check_plan_matches(plan, source_config)
-    return LT2Config(**{**architecture(source_config), **plan.config_overrides(), "architectures": ["LT2ForCausalLM"]})
-
-
-def architecture(config: LT2Config) -> dict:
-    """A config's fields without the ones saying where it came from, to build an LT2Config from."""
-    data = config.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path"):
-        data.pop(key, None)
-    return data
+    return derive_config(source_config, plan.config_overrides())
 
 
 def check_plan_matches(plan: Plan, source_config: LT2Config, source: str | None = None) -> None:

@@ -20,8 +20,9 @@ import torch
 
 from lt2convert import load_model
 from lt2convert.calibrate import calibration_stats, mixer_output_errors, topk_attention_recall
-from lt2convert.convert import InitOptions, convert_checkpoint, hybrid_config
+from lt2convert.convert import InitOptions, convert_checkpoint
 from lt2convert.io.assets import fetch_asset
+from lt2convert.loading import derive_config
 
 
 def token_windows(tokenizer, text: str, tokens: int, count: int) -> torch.Tensor:
@@ -48,7 +49,7 @@ def main() -> None:
 
     print(f"source {args.source}: {layers} layers, {args.tokens}-token windows; relative MSE of mixer outputs")
     print(f"{'gdn_conv':>9} {'gdn_decay':>10} {'gdn_norm':>9} | {'mean MSE':>9} {'median':>8} {'worst':>8}")
-    all_gdn = hybrid_config(teacher.config, {"layer_types": ["gdn"] * layers})
+    all_gdn = derive_config(teacher.config, {"layer_types": ["gdn"] * layers})
     with tempfile.TemporaryDirectory() as tmp:
         for conv, decay, norm in itertools.product(("identity", "fla"), ("multiscale", "fla", "calibrate"),
                                                    ("unit", "calibrate")):
@@ -63,7 +64,7 @@ def main() -> None:
         groups = teacher.config.num_attention_heads // teacher.config.num_key_value_heads
         index_heads = min(4, teacher.config.num_attention_heads)
         blocks = -(-index_heads // groups)
-        sparse = hybrid_config(teacher.config, {
+        sparse = derive_config(teacher.config, {
             "layer_types": ["dsa"] * layers, "dsa_topk": args.topk, "dsa_index_n_heads": index_heads,
             "dsa_index_head_dim": blocks * teacher.config.head_dim})
         print(f"\nDSA indexer recall of attention mass at top-{args.topk} of {args.tokens} keys")

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from lt2convert import load_model
-from lt2convert.convert import InitOptions, convert_checkpoint, hybrid_config
+from lt2convert.convert import InitOptions, convert_checkpoint
 from lt2convert.io.checkpoint import LazyCheckpoint
-from lt2convert.loading import load_config
+from lt2convert.loading import derive_config, load_config
 from lt2convert.testing import llama_config, ouro_config, write_checkpoint
 
 FP32_TOL = 1e-5
@@ -35,7 +35,7 @@ def source_dir(request, tmp_path_factory):
 
 def target(source_dir, layer_types, **settings):
     config, _ = load_config(source_dir)
-    return hybrid_config(config, {"layer_types": layer_types, **settings})
+    return derive_config(config, {"layer_types": layer_types, **settings})
 
 
 def logits(model, ids, **kwargs):
@@ -142,7 +142,7 @@ def test_failed_conversion_leaves_nothing_behind(source_dir, tmp_path, monkeypat
 
 def test_target_with_other_shapes_is_rejected(source_dir, tmp_path):
     config, _ = load_config(source_dir)
-    wrong = hybrid_config(config, {"layer_types": ["gdn"] * 3, "intermediate_size": 8})
+    wrong = derive_config(config, {"layer_types": ["gdn"] * 3, "intermediate_size": 8})
     with pytest.raises(ValueError, match="intermediate_size"):
         convert_checkpoint(source_dir, wrong, tmp_path / "out", init=UNCALIBRATED)
 
@@ -237,7 +237,8 @@ def test_cli_plan_then_convert_and_mismatched_plan(tmp_path):
     source = write_checkpoint(tmp_path / "src", ouro_config(num_key_value_heads=2))
     other = write_checkpoint(tmp_path / "other", ouro_config(num_hidden_layers=4))
     runner = CliRunner()
-    assert runner.invoke(main, ["plan", str(source), "--recipe", "tiny", "-o", str(tmp_path / "plan.yaml")]).exit_code == 0
+    planned = runner.invoke(main, ["plan", str(source), "--recipe", "tiny", "-o", str(tmp_path / "plan.yaml")])
+    assert planned.exit_code == 0, planned.output
     args = ["--plan", str(tmp_path / "plan.yaml"), "--init-gdn-norm", "unit", "--dtype", "fp32"]
     result = runner.invoke(main, ["convert", str(source), "-o", str(tmp_path / "out"), *args])
     assert result.exit_code == 0, result.output
