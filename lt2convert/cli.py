@@ -250,6 +250,57 @@ def convert(
     click.echo(f"wrote {out}")
 
 
+BENCH_EXAMPLES = """
+\b
+Examples:
+  lt2convert bench ouro-1.4b --random --contexts 1k,8k --batch 1   # random init from the preset's config
+  lt2convert bench ./ouro --vs ./ouro-hybrid --contexts 8k,32k --device cuda --dtype bf16
+  lt2convert bench ./ckpt --vs plan.yaml --random --json           # a plan's hybrid, random init
+"""
+
+
+@main.command(epilog=BENCH_EXAMPLES)
+@click.argument("model")
+@click.option("--vs", "others", multiple=True, help="Another model (or plan.yaml) to compare; repeatable.")
+@click.option("--contexts", default="1k,8k,32k", show_default=True, help="Decoding contexts, e.g. 1k,8k,32k.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Sequences decoded together.")
+@click.option("--decode-tokens", type=int, default=8, show_default=True, help="Timed decoding steps per context.")
+@click.option("--prefill", help="Prefill length to time (default: the smallest context).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Default: cuda when available.")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option(
+    "--prefill-context/--synthetic-context",
+    "real_prefill",
+    default=None,
+    help="Build each context's cache by a real prefill, or synthetically (random tensors of a real prefill's "
+    "exact shapes). Default: synthetic on CPU, real prefill on CUDA.",
+)
+@click.option("--random", "random_init", is_flag=True, help="Random-init models from each source's config.")
+@click.option("--warmup", type=int, default=2, show_default=True, help="Untimed steps before timing.")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Timed prefill repeats (median).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of tables.")
+@fail_cleanly
+def bench(
+    model, others, contexts, batch, decode_tokens, prefill, device, dtype, real_prefill, random_init, warmup,
+    repeats, seed, as_json,
+) -> None:
+    """Measure prefill and decoding speed, peak memory and cache bytes of MODEL (and --vs models) on one device."""
+    from lt2convert.bench import bench as run_bench
+
+    mode = None if real_prefill is None else ("prefill" if real_prefill else "synthetic")
+    report = run_bench(
+        [model, *others], contexts, batch, decode_tokens=decode_tokens, prefill=prefill, device=device,
+        dtype=dtype, context_mode=mode, random=random_init, warmup=warmup, repeats=repeats, seed=seed,
+    )
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    from lt2convert.render import print_bench
+
+    print_bench(report)
+
+
 @main.command("fetch-asset")
 @click.argument("name", type=click.Choice(["smollm2-135m", "shakespeare"]))
 @click.option("--force", is_flag=True, help="Rebuild even if the asset is already cached.")

@@ -145,3 +145,44 @@ def print_plan(report: dict) -> None:
         console.print(f"  - {note}")
     if report.get("plan_file"):
         console.print(f"wrote {report['plan_file']}")
+
+
+def print_bench(report: dict) -> None:
+    console = Console()
+    console.print(
+        f"[bold]bench on {report['device_name']}[/bold] ({report['device']}, {report['dtype']}, batch "
+        f"{report['batch']}, {report['torch_threads']} threads), context mode {report['context_mode']}"
+    )
+    for i, row in enumerate(report["models"]):
+        console.print(f"  [{i}] {row['name']}: {row['mixers']} × {row['loop_steps']} loops, {row['params']:,} params")
+
+    def times(value: float | None) -> str:
+        return "" if value is None else f"{value:.2f}×"
+
+    prefill = Table(title=f"prefill, {report['prefill_tokens']:,} tokens (median of {report['repeats']})")
+    for column in ("model", "tokens/s", "vs [0]"):
+        prefill.add_column(column, justify="left" if column == "model" else "right")
+    for i, row in enumerate(report["models"]):
+        prefill.add_row(f"[{i}]", f"{row['prefill']['tokens_per_s']:,.1f}", times(row["prefill"]["ratio"]))
+    console.print(prefill)
+
+    decode = Table(title=f"decoding (median of {report['decode_tokens']} steps after {report['warmup']} warm-up)")
+    decode.add_column("context", justify="right")
+    decode.add_column("model")
+    for column in ("tokens/s", "vs [0]", "cache", "cost model", "cache vs [0]", "peak memory", "peak vs [0]"):
+        decode.add_column(column, justify="right")
+    models = report["models"]
+    for context in report["contexts"]:
+        for i, row in enumerate(models):
+            f = row["decode"][str(context)]
+            peak = f["peak_memory_bytes"]
+            decode.add_row(
+                f"{context:,}" if i == 0 else "", f"[{i}]", f"{f['tokens_per_s']:,.2f}", times(f["ratio"]),
+                human_bytes(f["cache_bytes"]), human_bytes(f["cost_model_cache_bytes"]), times(f["cache_bytes_ratio"]),
+                "?" if peak is None else human_bytes(peak), times(f["peak_memory_ratio"]),
+                end_section=i == len(models) - 1,
+            )
+    console.print(decode)
+    console.print(f"peak memory: {report['memory_method']}")
+    for note in report["notes"]:
+        console.print(f"  - {note}")
