@@ -28,6 +28,7 @@ import torch
 
 from lt2convert.costs import cache_bytes
 from lt2convert.modeling import LoopedCache, LT2Config, LT2ForCausalLM
+from lt2convert.modeling.modeling_lt2 import cache_capacity
 
 BENCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CONTEXT_MODES = ("synthetic", "prefill")
@@ -134,16 +135,18 @@ def synthetic_slot(
         return (torch.randn(*shape, generator=generator) * 0.5).to(device=device, dtype=dt)
 
     kv, d = config.num_key_value_heads, config.head_dim
+    capacity = cache_capacity(context)  # growing caches allocate whole blocks of tokens
     if mixer == "full_attention":
-        return {"k": rand(batch, kv, context, d), "v": rand(batch, kv, context, d)}
+        return {"k": rand(batch, kv, capacity, d), "v": rand(batch, kv, capacity, d), "length": context}
     if mixer == "swa":
-        keep = min(context, config.swa_window)
-        return {"k": rand(batch, kv, keep, d), "v": rand(batch, kv, keep, d), "tokens": context}
+        ring = cache_capacity(min(context, config.swa_window), config.swa_window)
+        return {"k": rand(batch, kv, ring, d), "v": rand(batch, kv, ring, d), "tokens": context}
     if mixer == "dsa":
         return {
-            "k": rand(batch, context, kv, d),
-            "v": rand(batch, context, kv, d),
-            "k_idx": rand(batch, context, config.dsa_index_head_dim),
+            "k": rand(batch, capacity, kv, d),
+            "v": rand(batch, capacity, kv, d),
+            "k_idx": rand(batch, capacity, config.dsa_index_head_dim),
+            "length": context,
         }
     if mixer == "gdn":
         gdn = model.model.layers[layer].self_attn

@@ -301,6 +301,83 @@ def bench(
     print_bench(report)
 
 
+REPORT_EXAMPLES = """
+\b
+Examples:
+  lt2convert report evals/out/ -o report/                       # every results_*.json under evals/out/
+  lt2convert report results.json other/ --bench bench.json -o report/
+  lt2convert report results.json --baselines none -o report/
+"""
+
+
+@main.command(epilog=REPORT_EXAMPLES)
+@click.argument("inputs", nargs=-1, type=click.Path(exists=True))
+@click.option(
+    "--baselines",
+    default="ouro-paper",
+    show_default=True,
+    help="Published baselines: a name in evals/baselines/, a JSON path, or 'none'.",
+)
+@click.option("--bench", "benches", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="JSON written by `lt2convert bench --json`; repeatable.")
+@click.option("-o", "--output", default="report", show_default=True, type=click.Path(file_okay=False),
+              help="Report folder (leaderboard.md, index.html); an earlier report there is replaced.")
+@fail_cleanly
+def report(inputs, baselines, benches, output) -> None:
+    """Leaderboard of lm-eval results (files or folders) against published baselines, with speed plots."""
+    from lt2convert.report import report as make_report
+
+    out = make_report(list(inputs), baselines=baselines, bench=list(benches), output=output)
+    click.echo(f"wrote {out / 'leaderboard.md'} and {out / 'index.html'}")
+
+
+EVAL_EXAMPLES = """
+\b
+Examples:
+  lt2convert eval ./tiny --suite local                   # offline smoke run (fixtures, Shakespeare perplexity)
+  lt2convert eval smollm2-135m --suite recall --limit 20 -o results/
+  lt2convert eval ./ouro --tasks arc_easy,hellaswag:10 --exit-at-step 2 --batch-size 8
+"""
+
+
+@main.command("eval", epilog=EVAL_EXAMPLES)
+@click.argument("model")
+@click.option("--suite", help="A suite from evals/suites.yaml: local, recall, ouro-paper, zero-shot.")
+@click.option("--tasks", help="Comma-separated lm-eval tasks, NAME or NAME:SHOTS (instead of --suite).")
+@click.option("--limit", type=float, help="At most this many documents per task (a fraction below 1).")
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--device", help="e.g. cpu, cuda (default: where the model loads, cpu).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="Default: the checkpoint's.")
+@click.option("--exit-at-step", type=int, help="Use loop step K's logits (0-based).")
+@click.option("--exit-threshold", type=float, help="Per token, exit at the first step whose exit mass reaches Q.")
+@click.option("--weighted-exit", is_flag=True, help="Exit-probability-weighted mixture of every step's logits.")
+@click.option("-o", "--output", type=click.Path(file_okay=False), help="Write lm-eval's results JSON into DIR.")
+@click.option("--json", "as_json", is_flag=True, help="Print the table rows as JSON instead of a table.")
+@fail_cleanly
+def eval_command(
+    model, suite, tasks, limit, batch_size, device, dtype, exit_at_step, exit_threshold, weighted_exit, output,
+    as_json,
+) -> None:
+    """Evaluate MODEL with lm-evaluation-harness on a named suite or a task list."""
+    if (suite is None) == (tasks is None):
+        raise CLIError("give exactly one of --suite and --tasks")
+    from lt2convert.evaluate import evaluate
+
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+    results = evaluate(
+        model, suite=suite, tasks=tasks, limit=limit, batch_size=batch_size, output=output, device=device,
+        dtype=dtype, exit_at_step=exit_at_step, exit_threshold=exit_threshold, weighted_exit=weighted_exit,
+    )
+    report = results["lt2convert"]
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    from lt2convert.render import print_eval
+
+    print_eval(report)
+
+
 @main.command("fetch-asset")
 @click.argument("name", type=click.Choice(["smollm2-135m", "shakespeare"]))
 @click.option("--force", is_flag=True, help="Rebuild even if the asset is already cached.")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from lt2convert.modeling import LT2Config
+from lt2convert.modeling.modeling_lt2 import cache_capacity
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 RECURRENT_STATE_BYTES = 4  # GDN's recurrent state is kept in fp32 whatever the activation dtype
@@ -44,7 +45,11 @@ def slot_fixed_bytes(config: LT2Config, mixer: str, dtype_bytes: int) -> int:
 
 
 def slot_bytes(config: LT2Config, mixer: str, context: int, dtype_bytes: int) -> int:
-    tokens = min(context, config.swa_window) if mixer == "swa" else context
+    """Bytes one slot allocates after `context` tokens: growing caches hold whole blocks of tokens."""
+    if mixer == "swa":
+        tokens = cache_capacity(min(context, config.swa_window), config.swa_window)
+    else:
+        tokens = cache_capacity(context) if context else 0
     return slot_fixed_bytes(config, mixer, dtype_bytes) + tokens * slot_bytes_per_token(config, mixer, dtype_bytes)
 
 

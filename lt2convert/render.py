@@ -186,3 +186,30 @@ def print_bench(report: dict) -> None:
     console.print(f"peak memory: {report['memory_method']}")
     for note in report["notes"]:
         console.print(f"  - {note}")
+
+
+def print_eval(report: dict) -> None:
+    """The table of `lt2convert eval`: one row per task and metric, the suite's chosen metric in bold."""
+    mode = report["exit_mode"]
+    mode_text = mode if isinstance(mode, str) else ", ".join(f"{k}={v}" for k, v in mode.items())
+    title = f"{report['model']}: {report['suite'] or 'tasks'} (exit: {mode_text}"
+    title += f", limit {report['limit']})" if report.get("limit") is not None else ")"
+    table = Table(title=title)
+    for column, justify in (("task", "left"), ("shots", "right"), ("n", "right"), ("metric", "left"),
+                            ("value", "right"), ("± stderr", "right")):
+        table.add_column(column, justify=justify)
+    for row in report["rows"]:
+        value = f"{row['value']:.4f}" if abs(row["value"]) < 1e4 else f"{row['value']:.4g}"
+        style = "bold" if row["primary"] else None
+        table.add_row(
+            row["task"],
+            "" if row["n_shot"] is None else str(row["n_shot"]),
+            "" if row["samples"] is None else str(row["samples"]),
+            row["metric"],
+            value,
+            "" if row["stderr"] is None else f"{row['stderr']:.4f}",
+            style=style,
+        )
+    Console().print(table)
+    if report.get("output_file"):
+        Console().print(f"results: {report['output_file']}")

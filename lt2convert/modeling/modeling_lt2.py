@@ -144,6 +144,37 @@ def causal_attention_mask(
     return mask
 
 
+CACHE_BLOCK = 256  # growing caches are allocated in blocks of tokens, so decoding appends in place
+
+
+def cache_capacity(tokens: int, limit: int | None = None) -> int:
+    """Entries a growing cache allocates to hold `tokens`: whole blocks, at most `limit` (a sliding window)."""
+    capacity = -(-tokens // CACHE_BLOCK) * CACHE_BLOCK
+    return capacity if limit is None else min(capacity, limit)
+
+
+def reserve(state: dict, name: str, like: torch.Tensor, dim: int, needed: int, keep: int, limit: int | None = None):
+    """Make state[name] hold at least `needed` entries along `dim` (shaped like `like` elsewhere), growing it by
+    whole blocks and keeping its first `keep` entries. Returns the buffer."""
+    buffer = state.get(name)
+    if buffer is None or buffer.shape[dim] < needed:
+        shape = list(like.shape)
+        shape[dim] = cache_capacity(needed, limit)
+        grown = like.new_empty(shape)
+        if buffer is not None and keep:
+            grown.narrow(dim, 0, keep).copy_(buffer.narrow(dim, 0, keep))
+        state[name] = buffer = grown
+    return buffer
+
+
+def cache_append(state: dict, name: str, new: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+    """Write `new` after the first `length` entries of state[name] along `dim`; return all entries so far."""
+    count = new.shape[dim]
+    buffer = reserve(state, name, new, dim, length + count, keep=length)
+    buffer.narrow(dim, length, count).copy_(new)
+    return buffer.narrow(dim, 0, length + count)
+
+
 class LT2Attention(nn.Module):
     """Causal softmax attention with RoPE and GQA (SDPA), keeping a growing KV cache in its slot."""
 
@@ -173,11 +204,11 @@ class LT2Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: MixerContext, state: dict | None) -> torch.Tensor:
         bsz, seq, _ = x.shape
         q, k, v = self.project_qkv(x, ctx)
-        if state is not None:
-            if "k" in state:
-                k = torch.cat([state["k"], k], dim=2)
-                v = torch.cat([state["v"], v], dim=2)
-            state["k"], state["v"] = k, v
+        if state is not None:  # slot: k, v [B, kv_heads, capacity, D] and the number of tokens held
+            length = state.get("length", 0)
+            k = cache_append(state, "k", k, 2, length)
+            v = cache_append(state, "v", v, 2, length)
+            state["length"] = length + seq
         mask = causal_attention_mask(ctx, seq, k.shape[2], x.device)
         out = F.scaled_dot_product_attention(
             q,
@@ -238,26 +269,26 @@ class LT2SlidingWindowAttention(LT2Attention):
         seq = k.shape[2]
         keep = min(seq, self.window)
         positions = torch.arange(seq - keep, seq, device=k.device)
-        order = torch.argsort(positions % self.window)
-        state["k"] = k[:, :, seq - keep :][:, :, order].contiguous()
-        state["v"] = v[:, :, seq - keep :][:, :, order].contiguous()
+        ring = positions % self.window
+        for name, new in (("k", k), ("v", v)):
+            buffer = reserve(state, name, new, 2, keep, keep=0, limit=self.window)
+            buffer[:, :, ring] = new[:, :, seq - keep :]
         state["tokens"] = seq
 
     def attend_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: dict) -> torch.Tensor:
-        """One token [B, 1, H, D]: write its key/value into the ring, attend over every entry held."""
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        """One token [B, 1, H, D]: write its key/value at ring index tokens % window (softmax is order-free and
+        RoPE is already in the keys, so overwriting the oldest entry is exact), attend over every entry held."""
         slot = state["tokens"] % self.window
-        if state["k"].shape[2] < self.window:  # still filling: entries are in token order
-            state["k"] = torch.cat([state["k"], k], dim=2)
-            state["v"] = torch.cat([state["v"], v], dim=2)
-        else:  # softmax is order-free and RoPE is already in the keys, so overwriting the oldest is exact
-            state["k"][:, :, slot] = k[:, :, 0]
-            state["v"][:, :, slot] = v[:, :, 0]
+        held = min(state["tokens"], self.window)
+        for name, new in (("k", k.transpose(1, 2)), ("v", v.transpose(1, 2))):
+            buffer = reserve(state, name, new, 2, slot + 1, keep=held, limit=self.window)
+            buffer[:, :, slot] = new[:, :, 0]
         state["tokens"] += 1
+        held = min(state["tokens"], self.window)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),
-            state["k"],
-            state["v"],
+            state["k"][:, :, :held],
+            state["v"][:, :, :held],
             scale=self.scaling,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
@@ -312,26 +343,30 @@ class LT2SparseAttention(LT2Attention):
         bsz, seq, _ = x.shape
         q, k, v = (t.transpose(1, 2) for t in self.project_qkv(x, ctx))  # [B, S, heads, D]
         q_idx, k_idx, w_idx = self.indexer(x, ctx)
-        if state is not None and "k" in state:
+        if state is not None and state.get("length", 0) > 0:
             out = decode_token_by_token(
                 lambda *t: self.attend_cached(*t, state), seq, q, k, v, q_idx, k_idx, w_idx
             )
         else:
             out = mixer_kernels().dsa(q, k, v, q_idx, k_idx, w_idx, topk=self.topk, scale=self.scaling)
-            if state is not None:
-                state["k"], state["v"], state["k_idx"] = k, v, k_idx
+            if state is not None:  # slot: k, v [B, capacity, kv_heads, D], k_idx [B, capacity, DI], length
+                self.append(state, k, v, k_idx)
         return self.o_proj(out.reshape(bsz, seq, -1))
 
     def attend_cached(self, q, k, v, q_idx, k_idx, w_idx, state: dict) -> torch.Tensor:
         """One token: append its keys, then attend over the top-k of the whole cache."""
-        state["k"] = torch.cat([state["k"], k], dim=1)
-        state["v"] = torch.cat([state["v"], v], dim=1)
-        state["k_idx"] = torch.cat([state["k_idx"], k_idx], dim=1)
+        keys, values, index_keys = self.append(state, k, v, k_idx)
         out = mixer_kernels().dsa_step(  # one query: [B, heads, D] without the time axis
-            q[:, 0], state["k"], state["v"], q_idx[:, 0], state["k_idx"], w_idx[:, 0], topk=self.topk,
-            scale=self.scaling,
+            q[:, 0], keys, values, q_idx[:, 0], index_keys, w_idx[:, 0], topk=self.topk, scale=self.scaling
         )
         return out[:, None]
+
+    @staticmethod
+    def append(state: dict, k: torch.Tensor, v: torch.Tensor, k_idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        length = state.get("length", 0)
+        held = tuple(cache_append(state, name, new, 1, length) for name, new in (("k", k), ("v", v), ("k_idx", k_idx)))
+        state["length"] = length + k.shape[1]
+        return held
 
 
 class LT2ShortConvolution(nn.Module):

@@ -1,0 +1,320 @@
+"""`evaluate`: lm-evaluation-harness on our looped runtime, with Ouro's exit modes and named suites.
+
+Suites live in `evals/` (shipped as `lt2convert.evals`): `suites.yaml` names them, `evals/tasks` holds offline
+task YAMLs (hand-written fixtures, Shakespeare held-out perplexity, synthetic recall). Hub suites (`ouro-paper`,
+`zero-shot`) use lm-eval's built-in tasks and need the Hugging Face dataset hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import yaml
+
+
+class EvalError(ValueError):
+    """A suite, task or dataset problem, reported as one line by the CLI."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    task: str
+    num_fewshot: int | None = None
+    metric: str | None = None  # the metric shown first, "name" or "name,filter"
+
+
+def evals_dir() -> Path:
+    """The installed `lt2convert.evals` package data, else `evals/` of a source checkout."""
+    try:
+        from importlib import resources
+
+        folder = Path(str(resources.files("lt2convert.evals")))
+        if (folder / "suites.yaml").is_file():
+            return folder
+    except ModuleNotFoundError:
+        pass
+    folder = Path(__file__).resolve().parent.parent / "evals"
+    if not (folder / "suites.yaml").is_file():
+        raise EvalError(f"evals folder not found (looked for lt2convert.evals and {folder})")
+    return folder
+
+
+def tasks_dir() -> Path:
+    return evals_dir() / "tasks"
+
+
+def local_task_names() -> list[str]:
+    """Tasks in evals/tasks (each YAML is named after its task)."""
+    return sorted(p.stem for p in tasks_dir().glob("*.yaml"))
+
+
+def load_suites() -> dict[str, dict]:
+    return yaml.safe_load((evals_dir() / "suites.yaml").read_text())
+
+
+def suite_names() -> list[str]:
+    return list(load_suites())
+
+
+def suite_specs(name: str) -> list[TaskSpec]:
+    suites = load_suites()
+    if name not in suites:
+        raise EvalError(f"no suite {name!r} (suites: {', '.join(suites)})")
+    return [TaskSpec(**entry) for entry in suites[name]["tasks"]]
+
+
+def loaders() -> ModuleType:
+    """evals/tasks/loaders.py (the offline tasks' data generators), imported by path as lm-eval does."""
+    path = tasks_dir() / "loaders.py"
+    spec = importlib.util.spec_from_file_location("lt2convert_eval_loaders", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_tasks(text: str) -> list[TaskSpec]:
+    """`a,b:5` -> tasks a (default shots) and b (5-shot)."""
+    specs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, shots = item.partition(":")
+        if shots and not shots.isdigit():
+            raise EvalError(f"task {item!r}: expected NAME or NAME:SHOTS")
+        specs.append(TaskSpec(name, int(shots) if shots else None))
+    if not specs:
+        raise EvalError("no tasks given")
+    return specs
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE",
+                                                                                    "HF_DATASETS_OFFLINE"))
+
+
+def exit_kwargs(exit_at_step: int | None, exit_threshold: float | None, weighted_exit: bool) -> dict:
+    chosen = [exit_at_step is not None, exit_threshold is not None, weighted_exit]
+    if sum(chosen) > 1:
+        raise EvalError("choose at most one of exit_at_step, exit_threshold and weighted_exit")
+    if exit_at_step is not None:
+        return {"exit_at_step": exit_at_step}
+    if exit_threshold is not None:
+        if not 0.0 < exit_threshold <= 1.0:
+            raise EvalError(f"exit_threshold={exit_threshold} is outside (0, 1]")
+        return {"exit_threshold": exit_threshold}
+    return {"use_weighted_exit": True} if weighted_exit else {}
+
+
+def _check_exit_mode(model, kwargs: dict) -> None:
+    config = model.config
+    if "exit_at_step" in kwargs and not 0 <= kwargs["exit_at_step"] < getattr(config, "total_ut_steps", 1):
+        raise EvalError(f"exit_at_step={kwargs['exit_at_step']} is outside 0..{config.total_ut_steps - 1}")
+    if ({"exit_threshold", "use_weighted_exit"} & set(kwargs)) and not getattr(config, "use_exit_gate", False):
+        raise EvalError("this model has no exit gate; --exit-threshold / --weighted-exit do not apply")
+
+
+def _lm_class():
+    """HFLM that passes the exit mode to every forward and generate call of our model."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    class LoopedLM(HFLM):
+        def __init__(self, *args, exit_mode: dict | None = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.exit_mode = dict(exit_mode or {})
+            self.no_left_padding = any(t in ("dsa", "swa") for t in getattr(self.model.config, "layer_types", []))
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            if attn_mask is not None or labels is not None:  # seq2seq only; not our models
+                return super()._model_call(inps, attn_mask, labels)
+            with torch.no_grad():
+                # lm-eval pads log-likelihood batches on the right without a mask: causal, so harmless.
+                return self.model(inps, use_cache=False, **self.exit_mode).logits
+
+        def _model_generate(self, context, max_length, stop, **generation_kwargs):
+            generation_kwargs = {**generation_kwargs, **self.exit_mode}
+            mask = generation_kwargs.get("attention_mask")
+            if not self.no_left_padding or mask is None or bool(mask.all()):
+                return super()._model_generate(context, max_length, stop, **generation_kwargs)
+            # DSA / SWA layers refuse left-padded batches: generate row by row, then re-pad like a batch.
+            rows = []
+            for row, row_mask in zip(context, mask, strict=True):
+                pad = int((~row_mask.bool()).sum())
+                kwargs = {**generation_kwargs, "attention_mask": row_mask[pad:][None]}
+                out = super()._model_generate(row[pad:][None], max_length - pad, stop, **kwargs)[0]
+                rows.append(torch.cat([row[:pad], out]))
+            width = max(len(r) for r in rows)
+            pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            return torch.stack([torch.cat([r, r.new_full((width - len(r),), pad_id)]) for r in rows])
+
+    return LoopedLM
+
+
+def _missing_dataset(err: Exception, spec: TaskSpec) -> str:
+    """A one-line reason for a task that could not load its data (typically: offline and not cached)."""
+    text = f"{type(err).__name__}: {err}"
+    found = re.search(r"['\"]([\w.-]+/[\w.-]+)['\"]", text) or re.search(r"datasets/([\w.-]+/[\w.-]+)", text)
+    dataset = found.group(1) if found else None
+    where = f"dataset {dataset!r}" if dataset else "a task's dataset"
+    hint = (
+        "the Hugging Face hub is offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) and it is not cached"
+        if _offline() or "offline" in text.lower()
+        else text.splitlines()[0][:200]
+    )
+    return f"task {spec.task}: cannot load {where}: {hint}"
+
+
+def _load_task(manager, spec: TaskSpec):
+    """Build one task or group (loading its data) with the spec's shot count; a data problem is one line."""
+    try:
+        loaded = manager.load(spec.task)
+    except FileNotFoundError as err:  # a local task's asset (e.g. the shakespeare text) is missing
+        raise EvalError(f"task {spec.task}: {str(err).splitlines()[0]}") from err
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as err:
+        raise EvalError(_missing_dataset(err, spec)) from err
+    if spec.num_fewshot is not None:
+        for task in loaded["tasks"].values():
+            task.set_config(key="num_fewshot", value=spec.num_fewshot)
+    if spec.task in loaded["groups"]:
+        return loaded["groups"][spec.task]
+    if spec.task in loaded["tasks"]:
+        return loaded["tasks"][spec.task]
+    return list(loaded["tasks"].values())  # a tag: its tasks
+
+
+def _atomic_write_json(path: Path, data: dict) -> None:
+    from lm_eval.utils import handle_non_serializable
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=handle_non_serializable)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def evaluate(
+    model_or_source,
+    suite: str | None = None,
+    tasks: str | list[str] | None = None,
+    limit: int | float | None = None,
+    batch_size: int = 1,
+    output: str | Path | None = None,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    tokenizer=None,
+    exit_at_step: int | None = None,
+    exit_threshold: float | None = None,
+    weighted_exit: bool = False,
+    seed: int = 0,
+) -> dict:
+    """Run lm-eval's `simple_evaluate` on one of our models (a loaded LT2ForCausalLM, or any source `load_model`
+    takes) for a suite or a task list (`"a,b:5"` or a list of names). Returns lm-eval's results dict with an
+    added `lt2convert` entry (suite, exit mode, table rows, output file). With `output`, the dict is written
+    atomically to `output/results_<suite or "tasks">.json`."""
+    if (suite is None) == (tasks is None):
+        raise EvalError("give exactly one of a suite or a task list")
+    specs = suite_specs(suite) if suite else parse_tasks(tasks if isinstance(tasks, str) else ",".join(tasks))
+    mode = exit_kwargs(exit_at_step, exit_threshold, weighted_exit)
+    local = set(local_task_names())
+    hub = [s for s in specs if s.task not in local]
+
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(tasks_dir()), include_defaults=bool(hub))
+    unknown = [s.task for s in hub if not manager.match_tasks([s.task])]
+    if unknown:
+        raise EvalError(f"unknown task(s): {', '.join(unknown)}")
+    loaded = [_load_task(manager, spec) for spec in specs]  # data first: a missing dataset fails before the model
+
+    if isinstance(model_or_source, str | Path):
+        from lt2convert.loading import load_model
+
+        model = load_model(model_or_source, dtype=dtype, device=device)
+    else:
+        model = model_or_source
+        if device is not None:
+            model = model.to(device)
+    model.eval()
+    _check_exit_mode(model, mode)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        folder = getattr(model.config, "name_or_path", None)
+        if not folder or not Path(folder, "tokenizer_config.json").is_file() and not Path(
+            folder, "tokenizer.json"
+        ).is_file():
+            raise EvalError(f"no tokenizer next to the model ({folder}); pass one with tokenizer=")
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+
+    lm = _lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, exit_mode=mode)
+    results = simple_evaluate(
+        model=lm,
+        tasks=loaded,
+        task_manager=manager,
+        limit=limit,
+        log_samples=False,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
+
+    results["lt2convert"] = {
+        "model": str(getattr(model.config, "name_or_path", "") or type(model).__name__),
+        "suite": suite,
+        "tasks": [s.__dict__ for s in specs],
+        "exit_mode": mode or "default",
+        "limit": limit,
+        "batch_size": batch_size,
+        "rows": table_rows(results, specs),
+    }
+    if output is not None:
+        path = Path(output) / f"results_{suite or 'tasks'}.json"
+        results["lt2convert"]["output_file"] = str(path)
+        _atomic_write_json(path, results)
+    return results
+
+
+def table_rows(results: dict, specs: list[TaskSpec]) -> list[dict]:
+    """One row per task (and group) and metric: the suite's chosen metric first, then the others."""
+    rows = []
+    wanted = {s.task: s for s in specs}
+    scores = {**results.get("groups", {}), **results.get("results", {})}
+    names = [s.task for s in specs] + [t for t in scores if t not in wanted]
+    for name in names:
+        if name not in scores:
+            continue
+        entry = scores[name]
+        metrics = [k for k in entry if "," in k and "_stderr" not in k and isinstance(entry[k], int | float)]
+        spec = wanted.get(name)
+        if spec and spec.metric:
+            key = spec.metric if "," in spec.metric else f"{spec.metric},none"
+            metrics.sort(key=lambda k, key=key: k != key)
+        for i, key in enumerate(metrics):
+            metric, _, filt = key.partition(",")
+            stderr = entry.get(f"{metric}_stderr,{filt}")
+            rows.append(
+                {
+                    "task": name,
+                    "n_shot": results.get("n-shot", {}).get(name),
+                    "metric": metric if filt == "none" else f"{metric} ({filt})",
+                    "value": entry[key],
+                    "stderr": stderr if isinstance(stderr, int | float) else None,
+                    "primary": i == 0 and name in wanted,
+                    "samples": results.get("n-samples", {}).get(name, {}).get("effective"),
+                }
+            )
+    return rows
