@@ -79,6 +79,11 @@ def loaders() -> ModuleType:
     return module
 
 
+def _suite_metrics() -> dict[str, str]:
+    """The metric each suite shows first for its tasks, reused when a task is named with --tasks."""
+    return {e["task"]: e["metric"] for suite in load_suites().values() for e in suite["tasks"] if e.get("metric")}
+
+
 def parse_tasks(text: str) -> list[TaskSpec]:
     """`a,b:5` -> tasks a (default shots) and b (5-shot)."""
     specs = []
@@ -86,15 +91,16 @@ def parse_tasks(text: str) -> list[TaskSpec]:
         name, _, shots = item.partition(":")
         if shots and not shots.isdigit():
             raise EvalError(f"task {item!r}: expected NAME or NAME:SHOTS")
-        specs.append(TaskSpec(name, int(shots) if shots else None))
+        specs.append(TaskSpec(name, int(shots) if shots else None, _suite_metrics().get(name)))
     if not specs:
         raise EvalError("no tasks given")
     return specs
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE",
-                                                                                    "HF_DATASETS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
 
 
 def exit_kwargs(exit_at_step: int | None, exit_threshold: float | None, weighted_exit: bool) -> dict:
@@ -218,6 +224,7 @@ def evaluate(
     exit_threshold: float | None = None,
     weighted_exit: bool = False,
     seed: int = 0,
+    bootstrap_iters: int = 1000,
 ) -> dict:
     """Run lm-eval's `simple_evaluate` on one of our models (a loaded LT2ForCausalLM, or any source `load_model`
     takes) for a suite or a task list (`"a,b:5"` or a list of names). Returns lm-eval's results dict with an
@@ -253,9 +260,11 @@ def evaluate(
         from transformers import AutoTokenizer
 
         folder = getattr(model.config, "name_or_path", None)
-        if not folder or not Path(folder, "tokenizer_config.json").is_file() and not Path(
-            folder, "tokenizer.json"
-        ).is_file():
+        if (
+            not folder
+            or not Path(folder, "tokenizer_config.json").is_file()
+            and not Path(folder, "tokenizer.json").is_file()
+        ):
             raise EvalError(f"no tokenizer next to the model ({folder}); pass one with tokenizer=")
         tokenizer = AutoTokenizer.from_pretrained(folder)
 
@@ -266,6 +275,7 @@ def evaluate(
         task_manager=manager,
         limit=limit,
         log_samples=False,
+        bootstrap_iters=bootstrap_iters,  # stderr of perplexity-type metrics; lm-eval's 100000 is slow on a CPU
         random_seed=seed,
         numpy_random_seed=seed,
         torch_random_seed=seed,

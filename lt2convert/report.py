@@ -24,7 +24,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BASELINES_DIR = Path(__file__).resolve().parent.parent / "evals" / "baselines"
 PERCENT_METRICS = {"acc", "acc_norm", "exact_match", "em", "f1", "mc1", "mc2", "contains", "mcc"}
 SKIP_KEYS = {"alias", "name", "sample_len", "samples"}
 
@@ -161,15 +160,21 @@ def load_runs(inputs: list) -> list[Model]:
     return list(models.values())
 
 
+def baselines_dir() -> Path:
+    from lt2convert.evaluate import evals_dir
+
+    return evals_dir() / "baselines"
+
+
 def load_baselines(spec: str | Path | None) -> dict | None:
     """A name in evals/baselines/ (e.g. 'ouro-paper') or a path to such a JSON file; None or 'none': none."""
     if spec is None or str(spec) == "none":
         return None
     path = Path(spec)
     if not path.is_file():
-        path = BASELINES_DIR / f"{spec}.json"
+        path = baselines_dir() / f"{spec}.json"
     if not path.is_file():
-        known = ", ".join(p.stem for p in sorted(BASELINES_DIR.glob("*.json"))) or "none found"
+        known = ", ".join(p.stem for p in sorted(baselines_dir().glob("*.json"))) or "none found"
         raise ValueError(f"unknown baselines {spec!r} (known: {known})")
     return json.loads(path.read_text())
 

@@ -81,7 +81,7 @@ def _key(rng: random.Random) -> str:
 
 
 def mqar_rows(num_pairs: int, num_docs: int = 50, seed: int = 1234) -> list[dict]:
-    """Associative recall: `num_pairs` distinct key -> value pairs ("kx7: 41, ab2: 93, ..."), then one key again;
+    """Associative recall: `num_pairs` distinct key -> value pairs, one a line ("kx7: 41"), then one key again;
     the target is its value. The queried pair's position is uniform over the context."""
     rng = random.Random(f"mqar-{seed}-{num_pairs}")
     rows = []
@@ -93,11 +93,11 @@ def mqar_rows(num_pairs: int, num_docs: int = 50, seed: int = 1234) -> list[dict
                 keys.append(key)
         values = [str(rng.randint(10, 99)) for _ in keys]
         position = rng.randrange(num_pairs)
-        context = ", ".join(f"{k}: {v}" for k, v in zip(keys, values, strict=True))
+        context = "\n".join(f"{k}: {v}" for k, v in zip(keys, values, strict=True))
         rows.append(
             {
                 "id": i,
-                "context": f"{context}.\n{keys[position]}:",
+                "context": f"{context}\n\n{keys[position]}:",
                 "target": f" {values[position]}",
                 "num_pairs": num_pairs,
                 "position": position,

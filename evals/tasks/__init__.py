@@ -1,0 +1,1 @@
+"""lm-eval task YAMLs of the offline suites; loaders.py is imported by lm-eval by path."""

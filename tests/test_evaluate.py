@@ -1,0 +1,113 @@
+"""`lt2convert eval`: suites, the offline tasks' data, results JSON and the offline error of hub suites."""
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from lt2convert.cli import main
+from lt2convert.evaluate import EvalError, evaluate, loaders, parse_tasks, suite_specs
+from lt2convert.testing import ouro_config, write_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, fetched_asset):
+    """A 2-layer, 2-step random Ouro with the real SmolLM2/Ouro tokenizer (vocab 49,152) next to it."""
+    smollm2 = fetched_asset("smollm2-135m")
+    folder = tmp_path_factory.mktemp("tiny-eval")
+    config = ouro_config(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        total_ut_steps=2,
+        max_position_embeddings=2048,
+    )
+    write_checkpoint(folder, config)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2 / name, folder / name)
+    return folder
+
+
+def test_recall_data_is_deterministic_and_answerable():
+    gen = loaders()
+    for rows_of in (lambda s: gen.mqar_rows(64, 20, seed=s), lambda s: gen.passkey_rows(512, 20, seed=s)):
+        assert rows_of(7) == rows_of(7)
+        assert rows_of(7) != rows_of(8)
+    for row in gen.mqar_rows(64, 20, seed=7):
+        *pairs, _, query = row["context"].split("\n")
+        assert len(pairs) == 64
+        lookup = dict(p.split(": ") for p in pairs)
+        assert len(lookup) == 64  # keys are distinct
+        assert lookup[query.removesuffix(":")] == row["target"].strip()
+    for row in gen.passkey_rows(512, 20, seed=7):
+        key = row["target"].strip()
+        assert len(key) == 5 and key.isdigit()
+        assert f"The pass key is {key}." in row["context"]
+        assert row["context"].endswith("The pass key is")
+        assert row["context"].count(key) == 2  # the needle only
+    depths = {round(r["depth"], 2) for r in gen.passkey_rows(1024, 20, seed=7)}
+    assert len(depths) > 5  # the needle moves
+
+
+def test_suites_and_task_lists():
+    assert [s.task for s in suite_specs("zero-shot")][:2] == ["arc_easy", "arc_challenge"]
+    assert {s.task: s.num_fewshot for s in suite_specs("ouro-paper")}["arc_challenge"] == 25
+    assert [(s.task, s.num_fewshot) for s in parse_tasks("recall_passkey_256, hellaswag:10")] == [
+        ("recall_passkey_256", None),
+        ("hellaswag", 10),
+    ]
+    with pytest.raises(EvalError, match="no suite"):
+        suite_specs("nope")
+
+
+def test_eval_local_suite_cli(tiny_model, tmp_path, fetched_asset):
+    fetched_asset("shakespeare")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main, ["eval", str(tiny_model), "--suite", "local", "--limit", "3", "--batch-size", "4", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results_local.json").read_text())
+    scores = data["results"]
+    assert set(scores) == {"local_arc_easy", "local_piqa", "local_shakespeare_ppl"}
+    assert 0.0 <= scores["local_arc_easy"]["acc_norm,none"] <= 1.0
+    assert 0.0 <= scores["local_piqa"]["acc,none"] <= 1.0
+    assert scores["local_shakespeare_ppl"]["word_perplexity,none"] > 1.0
+    assert "local_piqa" in result.output
+
+
+def test_eval_recall_suite_with_exit_mode(tiny_model, tmp_path):
+    results = evaluate(tiny_model, suite="recall", limit=2, batch_size=2, output=tmp_path, exit_at_step=0)
+    data = json.loads((tmp_path / "results_recall.json").read_text())
+    assert set(data["results"]) == {s.task for s in suite_specs("recall")}
+    for scores in data["results"].values():
+        assert scores["acc,none"] in (0.0, 0.5, 1.0)
+    assert data["lt2convert"]["exit_mode"] == {"exit_at_step": 0}
+    assert results["lt2convert"]["rows"][0]["metric"] == "acc"
+
+
+def test_exit_mode_errors(tiny_model):
+    with pytest.raises(EvalError, match="at most one"):
+        evaluate(tiny_model, tasks="recall_mqar_16", exit_at_step=0, weighted_exit=True)
+    with pytest.raises(EvalError, match="outside"):
+        evaluate(tiny_model, tasks="recall_mqar_16", limit=1, exit_at_step=5)
+
+
+def test_hub_suite_offline_fails_with_one_line(tiny_model, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    result = CliRunner().invoke(main, ["eval", str(tiny_model), "--suite", "ouro-paper", "--limit", "1"])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert "cannot load dataset 'cais/mmlu'" in result.output
+    assert "offline" in result.output
+
+
+@pytest.mark.asset
+def test_smollm2_finds_the_passkey(fetched_asset):
+    results = evaluate(fetched_asset("smollm2-135m"), tasks="recall_passkey_256", limit=6, batch_size=6, dtype="fp32")
+    assert results["results"]["recall_passkey_256"]["acc,none"] >= 0.8  # chance (5 exact digits) is ~0
