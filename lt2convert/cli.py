@@ -37,6 +37,16 @@ def fail_cleanly(func):
     return wrapper
 
 
+def emit(report: dict, as_json: bool, printer: str) -> None:
+    """Print a command's result as JSON, or as the rich tables of `lt2convert.render.<printer>`."""
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    from lt2convert import render
+
+    getattr(render, printer)(report)
+
+
 @click.group(epilog=EXAMPLES)
 @click.version_option(package_name="lt2convert")
 def main() -> None:
@@ -52,12 +62,7 @@ def inspect(source: str, as_json: bool) -> None:
     from lt2convert.summary import inspect_source
 
     report = inspect_source(source)
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-        return
-    from lt2convert.render import print_inspect
-
-    print_inspect(report)
+    emit(report, as_json, "print_inspect")
 
 
 PLAN_EXAMPLES = """
@@ -162,12 +167,7 @@ def plan(
         contexts=contexts or DECODE_CONTEXTS,
         dtype=dtype,
     )
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-        return
-    from lt2convert.render import print_plan
-
-    print_plan(report)
+    emit(report, as_json, "print_plan")
 
 
 CONVERT_EXAMPLES = """
@@ -293,12 +293,7 @@ def bench(
         [model, *others], contexts, batch, decode_tokens=decode_tokens, prefill=prefill, device=device,
         dtype=dtype, context_mode=mode, random=random_init, warmup=warmup, repeats=repeats, seed=seed,
     )
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-        return
-    from lt2convert.render import print_bench
-
-    print_bench(report)
+    emit(report, as_json, "print_bench")
 
 
 REPORT_EXAMPLES = """
@@ -370,12 +365,7 @@ def eval_command(
         dtype=dtype, exit_at_step=exit_at_step, exit_threshold=exit_threshold, weighted_exit=weighted_exit,
     )
     report = results["lt2convert"]
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-        return
-    from lt2convert.render import print_eval
-
-    print_eval(report)
+    emit(report, as_json, "print_eval")
 
 
 @main.command("fetch-asset")
