@@ -309,7 +309,7 @@ def convert_checkpoint(
 
     `stats` (per layer, from `calibration_stats`) is required by the `calibrate` init options.
     """
-    from lt2convert.export import write_export_files
+    from lt2convert.export import hash_inputs_in_background, write_export_files
 
     init = init or InitOptions()
     if init.needs_calibration and stats is None:
@@ -322,6 +322,7 @@ def convert_checkpoint(
     layers, other = group_by_layer(checkpoint.names())
     generator = torch.Generator().manual_seed(init.seed)
     with atomic_directory(Path(out), overwrite=overwrite) as staging:
+        hashes = hash_inputs_in_background(resolved.folder)
         writer = ShardedWriter(staging, max_shard_bytes)
         for name in other:
             writer.add(name, checkpoint.get(name).to(out_dtype))
@@ -338,6 +339,7 @@ def convert_checkpoint(
             weight_files=files,
             init=asdict(init),
             plan=plan,
+            input_sha256=hashes.result(),
         )
     return Path(out)
 

@@ -8,6 +8,7 @@ import json
 import platform
 import re
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from lt2convert.io.writer import write_json
@@ -62,14 +63,26 @@ def copy_tokenizer(source: Path, target: Path) -> list[str]:
     return copied
 
 
-def provenance(resolved, init: dict, plan: dict | None) -> dict:
+def input_files(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def hash_inputs_in_background(folder: Path) -> Future:
+    """sha256 of every input file, computed in a thread while conversion runs: hashlib releases the GIL on
+    large buffers, so hashing overlaps with reading and writing tensors instead of adding a second pass."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+    future = pool.submit(lambda: {p.name: sha256_of(p) for p in input_files(folder)})
+    pool.shutdown(wait=False)
+    return future
+
+
+def provenance(resolved, init: dict, plan: dict | None, input_sha256: dict[str, str]) -> dict:
     import torch
     import transformers
 
     import lt2convert
 
     folder = Path(resolved.folder)
-    inputs = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     return {
         "source": {
             "spec": resolved.source.spec,
@@ -78,7 +91,7 @@ def provenance(resolved, init: dict, plan: dict | None) -> dict:
             "revision": resolved.source.revision,
             "path": str(folder),
         },
-        "input_sha256": {p.name: sha256_of(p) for p in inputs},
+        "input_sha256": input_sha256,
         "plan": plan,
         "init": init,
         "versions": {
@@ -123,13 +136,20 @@ def model_card(config: dict, record: dict) -> str:
 
 
 def write_export_files(
-    staging: Path, resolved, *, config: dict, weight_files: list[str], init: dict, plan: dict | None
+    staging: Path,
+    resolved,
+    *,
+    config: dict,
+    weight_files: list[str],
+    init: dict,
+    plan: dict | None,
+    input_sha256: dict[str, str],
 ) -> None:
     write_json(staging / "config.json", config)
     for name, text in remote_code_files().items():
         (staging / name).write_text(text)
     copy_tokenizer(Path(resolved.folder), staging)
-    record = provenance(resolved, init, plan)
+    record = provenance(resolved, init, plan, input_sha256)
     record["weight_files"] = weight_files
     write_json(staging / "provenance.json", record)
     (staging / "README.md").write_text(model_card(config, record))

@@ -2,7 +2,8 @@
 
 Writes (once, into the lt2convert cache) a random checkpoint with Ouro-1.4B's exact shapes, then times in
 separate processes, one run each: a plain copy of the folder, and `lt2convert convert` with the default
-Full+GDN plan. Prints wall time, MB/s of input read and peak RSS of each.
+Full+GDN plan. Prints wall time, the time after imports (the conversion itself), MB/s of input read and
+peak RSS of each.
 
     python scripts/bench_convert.py [--layers 24] [--recipe ouro-1.4b-full-gdn]
 """
@@ -10,6 +11,7 @@ Full+GDN plan. Prints wall time, MB/s of input read and peak RSS of each.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -20,25 +22,30 @@ from pathlib import Path
 
 from lt2convert.io.assets import cache_dir
 
-PEAK_RSS_HOOK = """
-import atexit, sys
-_peak_file = sys.argv.pop(1)
-def _report_peak():
+MEASURE_HOOK = """
+import atexit, json, sys, time
+_report_file = sys.argv.pop(1)
+_begun = time.perf_counter()
+def _begin():
+    # Called once the imports are done: the work time then excludes interpreter and library start-up.
+    global _begun
+    _begun = time.perf_counter()
+def _report():
     # VmHWM is this process's own high-water mark (ru_maxrss would include the parent's, copied at fork).
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            open(_peak_file, "w").write(str(int(line.split()[1]) * 1024))
-atexit.register(_report_peak)
+    peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    json.dump({"peak": peak, "work": time.perf_counter() - _begun}, open(_report_file, "w"))
+atexit.register(_report)
 """
 
 
-def measured(code: str, args: list[str]) -> tuple[float, int]:
-    """(seconds, peak RSS in bytes) of `code` run in a fresh Python process with `args` as sys.argv[1:]."""
-    with tempfile.NamedTemporaryFile(suffix=".rss") as peak:
+def measured(code: str, args: list[str]) -> dict:
+    """Wall seconds, work seconds (after imports) and peak RSS bytes of `code` run in a fresh Python process
+    with `args` as sys.argv[1:]."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as report:
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", PEAK_RSS_HOOK + code, peak.name, *args], check=True)
-        seconds = time.perf_counter() - start
-        return seconds, int(Path(peak.name).read_text())
+        subprocess.run([sys.executable, "-c", MEASURE_HOOK + code, report.name, *args], check=True)
+        wall = time.perf_counter() - start
+        return {"wall": wall, **json.loads(Path(report.name).read_text())}
 
 
 def folder_bytes(folder: Path) -> int:
@@ -60,23 +67,26 @@ def main() -> None:
     python = sys.executable
     with tempfile.TemporaryDirectory(dir=source.parent) as tmp:
         tmp = Path(tmp)
-        copy = measured("import shutil; shutil.copytree(sys.argv[1], sys.argv[2])", [str(source), str(tmp / "copy")])
+        copy = measured("import shutil; _begin(); shutil.copytree(sys.argv[1], sys.argv[2])",
+                        [str(source), str(tmp / "copy")])
         plan = tmp / "plan.yaml"
         subprocess.run([python, "-m", "lt2convert.cli", "plan", str(source), "--recipe", args.recipe, "-o",
                         str(plan)], check=True, capture_output=True)
         # Random weights have no tokenizer to calibrate with, so the benchmark uses the uncalibrated inits.
         convert = measured(
-            "from lt2convert.cli import main; main(sys.argv[1:], standalone_mode=False)",
+            "from lt2convert.cli import main; _begin(); main(sys.argv[1:], standalone_mode=False)",
             ["convert", str(source), "--plan", str(plan), "-o", str(tmp / "hybrid"), "--init-gdn-norm", "unit"],
         )
         out_size = folder_bytes(tmp / "hybrid")
         shutil.rmtree(tmp / "copy")
     print(f"\ninput: {size / 1e9:.2f} GB ({args.layers} layers, bf16); output {out_size / 1e9:.2f} GB; "
           f"recipe {args.recipe}; {os.cpu_count()} CPUs")
-    print(f"{'step':<12}{'seconds':>9}{'MB/s':>9}{'peak RSS':>11}")
-    for name, (seconds, rss) in (("plain copy", copy), ("convert", convert)):
-        print(f"{name:<12}{seconds:9.1f}{size / 1e6 / seconds:9.0f}{rss / 1e9:9.2f} GB")
-    print(f"convert / copy time: {convert[0] / copy[0]:.2f}×")
+    print(f"{'step':<12}{'wall s':>8}{'work s':>8}{'MB/s (work)':>13}{'peak RSS':>11}")
+    for name, run in (("plain copy", copy), ("convert", convert)):
+        print(f"{name:<12}{run['wall']:8.1f}{run['work']:8.1f}{size / 1e6 / run['work']:13.0f}"
+              f"{run['peak'] / 1e9:9.2f} GB")
+    print(f"convert / copy: {convert['wall'] / copy['wall']:.2f}× wall, {convert['work'] / copy['work']:.2f}× work "
+          "(work = after imports: interpreter, torch and transformers start-up excluded)")
 
 
 if __name__ == "__main__":

@@ -116,7 +116,8 @@ class LazyCheckpoint:
         return list(self.tensors)
 
     def get(self, name: str):
-        """Load one tensor (torch) from its file."""
+        """Load one tensor (torch) from its file. The file is mapped only for this call: a mapping kept open
+        would count every page read so far in the process's RSS."""
         from safetensors import safe_open
 
         info = self.tensors[name]
