@@ -111,3 +111,40 @@ def test_hub_suite_offline_fails_with_one_line(tiny_model, monkeypatch):
 def test_smollm2_finds_the_passkey(fetched_asset):
     results = evaluate(fetched_asset("smollm2-135m"), tasks="recall_passkey_256", limit=6, batch_size=6, dtype="fp32")
     assert results["results"]["recall_passkey_256"]["acc,none"] >= 0.8  # chance (5 exact digits) is ~0
+
+
+def test_exported_hybrid_scores_the_same_through_plain_lm_eval(tiny_model, tmp_path):
+    """The converted checkpoint evaluated by the `lm_eval` command line (remote code, lt2convert hidden) gives
+    the numbers `lt2convert eval` gives on the same folder."""
+    import os
+    import subprocess
+    import sys
+
+    from lt2convert.convert import InitOptions, convert_checkpoint
+    from lt2convert.evaluate import tasks_dir
+    from lt2convert.loading import derive_config, load_config
+
+    config, _ = load_config(tiny_model)
+    hybrid = derive_config(config, {"layer_types": ["gdn", "full_attention"]})
+    out = convert_checkpoint(tiny_model, hybrid, tmp_path / "hybrid", init=InitOptions(gdn_norm="unit"))
+    ours = evaluate(out, tasks="local_arc_easy", limit=8)["results"]["local_arc_easy"]
+
+    hide = (
+        "import importlib.abc, runpy, sys\n"
+        "class Hide(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'lt2convert' or name.startswith('lt2convert.'):\n"
+        "            raise ImportError('hidden')\n"
+        "sys.meta_path.insert(0, Hide())\n"
+        "sys.argv = ['lm_eval'] + sys.argv[1:]\n"
+        "runpy.run_module('lm_eval', run_name='__main__')\n"
+    )
+    args = ["--model", "hf", "--model_args", f"pretrained={out},trust_remote_code=True,dtype=float32",
+            "--tasks", "local_arc_easy", "--include_path", str(tasks_dir()), "--limit", "8", "--device", "cpu",
+            "--batch_size", "1", "--output_path", str(tmp_path / "plain")]
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    subprocess.run([sys.executable, "-c", hide, *args], check=True, env=env, cwd=tmp_path, capture_output=True)
+    plain_file = next((tmp_path / "plain").rglob("results*.json"))
+    plain = json.loads(plain_file.read_text())["results"]["local_arc_easy"]
+    for metric in ("acc,none", "acc_norm,none"):
+        assert plain[metric] == pytest.approx(ours[metric], abs=1e-9), metric
