@@ -15,7 +15,7 @@ import torch
 
 from lt2convert.io.checkpoint import LazyCheckpoint, read_config
 from lt2convert.io.writer import ShardedWriter, atomic_directory
-from lt2convert.loading import config_from_dict, resolve_checkpoint, resolve_dtype
+from lt2convert.loading import ResolvedSource, config_from_dict, resolve_checkpoint, resolve_dtype
 from lt2convert.modeling import LT2Config
 
 GDN_CONV_INITS = ("identity", "fla")
@@ -70,6 +70,16 @@ class LayerStats:
     outputs: torch.Tensor  # [B, S, H] the attention's outputs for those inputs
 
 
+@dataclass(frozen=True)
+class Conversion:
+    """What converting any layer needs: both configs, the init options and the seeded generator."""
+
+    source: LT2Config
+    target: LT2Config
+    init: InitOptions
+    generator: torch.Generator
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Weight mapping
 
@@ -109,14 +119,10 @@ def decay_params_for_spans(spans: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def gdn_from_attention(
-    attn: dict[str, torch.Tensor],
-    source: LT2Config,
-    target: LT2Config,
-    init: InitOptions,
-    stats: LayerStats | None,
-    generator: torch.Generator,
+    attn: dict[str, torch.Tensor], conv: Conversion, stats: LayerStats | None
 ) -> dict[str, torch.Tensor]:
     """GDN tensors (fla names) for one layer from its attention's q/k/v/o."""
+    source, target, init, generator = conv.source, conv.target, conv.init, conv.generator
     check_gdn_matches_attention(source, target)
     groups = source.num_attention_heads // source.num_key_value_heads
     heads, dk = target.gdn_num_heads, target.gdn_head_k_dim
@@ -255,15 +261,10 @@ def group_by_layer(names: list[str]) -> tuple[dict[int, list[str]], list[str]]:
 
 
 def convert_layer(
-    index: int,
-    tensors: dict[str, torch.Tensor],
-    source: LT2Config,
-    target: LT2Config,
-    init: InitOptions,
-    stats: LayerStats | None,
-    generator: torch.Generator,
+    index: int, tensors: dict[str, torch.Tensor], conv: Conversion, stats: LayerStats | None
 ) -> dict[str, torch.Tensor]:
     """One layer's output tensors. Everything but the mixer is passed through untouched."""
+    source, target = conv.source, conv.target
     mixer = target.layer_types[index]
     prefix = f"model.layers.{index}.self_attn."
     if source.layer_types[index] != "full_attention" and mixer != source.layer_types[index]:
@@ -273,10 +274,10 @@ def convert_layer(
     attn = {name.removeprefix(prefix): t for name, t in tensors.items() if name.startswith(prefix)}
     kept = {name: t for name, t in tensors.items() if not name.startswith(prefix)}
     if mixer == "dsa":
-        heads = choose_index_heads(source, target, stats if init.dsa_heads == "calibrate" else None)
+        heads = choose_index_heads(source, target, stats if conv.init.dsa_heads == "calibrate" else None)
         new = {**attn, **dsa_indexer_from_attention(attn, source, target, heads)}
     else:
-        new = gdn_from_attention(attn, source, target, init, stats, generator)
+        new = gdn_from_attention(attn, conv, stats)
     return kept | {prefix + name: t for name, t in new.items()}
 
 
@@ -294,7 +295,7 @@ def target_config_dict(target: LT2Config, dtype: torch.dtype) -> dict:
 
 
 def convert_checkpoint(
-    source: str | Path,
+    source: str | Path | ResolvedSource,
     target: LT2Config,
     out: str | Path,
     *,
@@ -314,13 +315,13 @@ def convert_checkpoint(
     init = init or InitOptions()
     if init.needs_calibration and stats is None:
         raise ValueError("the calibrate init options need attention statistics (pass a calibration text)")
-    resolved = resolve_checkpoint(source)
+    resolved = source if isinstance(source, ResolvedSource) else resolve_checkpoint(source)
     src_config = config_from_dict(read_config(resolved.folder), str(resolved.folder / "config.json"))
     check_same_architecture(src_config, target)
     out_dtype = resolve_dtype(dtype, src_config)
     checkpoint = LazyCheckpoint(resolved.folder)
     layers, other = group_by_layer(checkpoint.names())
-    generator = torch.Generator().manual_seed(init.seed)
+    conv = Conversion(src_config, target, init, torch.Generator().manual_seed(init.seed))
     with atomic_directory(Path(out), overwrite=overwrite) as staging:
         hashes = hash_inputs_in_background(resolved.folder)
         writer = ShardedWriter(staging, max_shard_bytes)
@@ -329,7 +330,7 @@ def convert_checkpoint(
         for index in sorted(layers):
             tensors = {name: checkpoint.get(name) for name in layers[index]}
             layer_stats = stats.get(index) if stats else None
-            for name, tensor in convert_layer(index, tensors, src_config, target, init, layer_stats, generator).items():
+            for name, tensor in convert_layer(index, tensors, conv, layer_stats).items():
                 writer.add(name, tensor.to(out_dtype))
         files = writer.finish()
         write_export_files(
@@ -414,7 +415,7 @@ def convert(
         stats = calibration_stats(teacher, calibration_ids(resolved.folder, calibration, calibration_tokens))
         del teacher
     return convert_checkpoint(
-        source,
+        resolved,
         target,
         out,
         dtype=dtype,

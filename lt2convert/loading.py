@@ -82,6 +82,12 @@ def model_class(config: LT2Config) -> type[LT2ForCausalLM]:
     return OuroForCausalLM if isinstance(config, OuroConfig) else LT2ForCausalLM
 
 
+def meta_model(config: LT2Config) -> LT2ForCausalLM:
+    """The model for a config on the meta device: exact parameter names and shapes, no memory."""
+    with torch.device("meta"):
+        return model_class(config)(config)
+
+
 @dataclass(frozen=True)
 class ResolvedSource:
     folder: Path
@@ -171,8 +177,7 @@ def load_model(
     config = config_from_dict(read_config(resolved.folder), str(config_path))
     target = resolve_dtype(dtype, config)
     checkpoint = LazyCheckpoint(resolved.folder)
-    with torch.device("meta"):
-        model = model_class(config)(config)
+    model = meta_model(config)
     check_tensors(checkpoint, expected_shapes(model), config.tie_word_embeddings)
     wanted = set(model.state_dict())
     state = {name: tensor.to(target) for name, tensor in checkpoint.iter_tensors() if name in wanted}

@@ -198,6 +198,8 @@ def read_plan(path: str | Path) -> Plan:
     import yaml
 
     path = Path(path)
+    if not path.is_file():
+        raise PlanError(str(path), ["plan file not found (write one with `lt2convert plan SOURCE -o FILE`)"])
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 from collections import Counter
 
-import torch
-
 from lt2convert.costs import DTYPE_BYTES, cache_bytes, kv_cache_bytes_per_token
-from lt2convert.loading import load_config, model_class
+from lt2convert.loading import load_config, meta_model
 from lt2convert.modeling import LT2Config
 
 CONTEXTS = (8192, 32768, 65536)
 
 
-def parameter_breakdown(config: LT2Config) -> dict[str, int]:
-    """Parameter counts by component, from a model built on the meta device (no memory, exact shapes)."""
-    with torch.device("meta"):
-        model = model_class(config)(config)
+def parameter_breakdown(config: LT2Config, model=None) -> dict[str, int]:
+    """Parameter counts by component, from the model on the meta device (no memory, exact shapes)."""
+    model = model if model is not None else meta_model(config)
     counts: Counter[str] = Counter()
     for name, param in model.named_parameters():  # tied weights are yielded once
         counts[component_of(name, config)] += param.numel()
@@ -43,7 +40,8 @@ def component_of(name: str, config: LT2Config) -> str:
 def inspect_source(source: str) -> dict:
     """A JSON-ready description of a checkpoint source (preset, local folder or hub id)."""
     config, resolved = load_config(source)
-    params = parameter_breakdown(config)
+    model = meta_model(config)
+    params = parameter_breakdown(config, model)
     report = {
         "source": source,
         "model_type": config.model_type,
@@ -67,11 +65,11 @@ def inspect_source(source: str) -> dict:
         "cache_bytes_at_context": {str(c): cache_bytes(config, c, "bf16") for c in CONTEXTS},
         "config_dtype": str(config.dtype).removeprefix("torch.") if config.dtype is not None else None,
     }
-    report["checkpoint"] = checkpoint_files(source, resolved, config)
+    report["checkpoint"] = checkpoint_files(source, resolved, model)
     return report
 
 
-def checkpoint_files(source: str, resolved, config: LT2Config) -> dict:
+def checkpoint_files(source: str, resolved, model) -> dict:
     """The files of a local checkpoint, after checking every tensor name and shape against the config."""
     if resolved is None:  # a preset: described by its embedded config, nothing downloaded
         from lt2convert.presets import get_preset
@@ -87,9 +85,7 @@ def checkpoint_files(source: str, resolved, config: LT2Config) -> dict:
     from lt2convert.loading import check_tensors, expected_shapes
 
     checkpoint = LazyCheckpoint(resolved.folder)
-    with torch.device("meta"):
-        model = model_class(config)(config)
-    check_tensors(checkpoint, expected_shapes(model), config.tie_word_embeddings)
+    check_tensors(checkpoint, expected_shapes(model), model.config.tie_word_embeddings)
     return {
         "folder": str(resolved.folder),
         "files": [{"name": p.name, "bytes": p.stat().st_size} for p in checkpoint.files],
