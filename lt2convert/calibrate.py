@@ -44,6 +44,21 @@ def attention_probabilities(module, x: torch.Tensor, ctx) -> torch.Tensor:
     return scores.masked_fill(~causal, float("-inf")).softmax(-1)
 
 
+def head_averaged_attention(module, x: torch.Tensor, ctx) -> torch.Tensor:
+    """[B, S, S] the attention distribution of each query, averaged over heads (still sums to 1 per query)."""
+    return attention_probabilities(module, x, ctx).mean(1)
+
+
+def indexer_logits(sparse, x: torch.Tensor, ctx) -> torch.Tensor:
+    """[B, S, S] a DSA layer's lightning-indexer scores for input x (the kernel's own formula and scale; the
+    causal mask is left to the caller)."""
+    from lt2convert.kernels import index_scores
+
+    q_idx, k_idx, w_idx = sparse.indexer(x, ctx)
+    scale = q_idx.shape[-1] ** -0.5
+    return torch.stack([index_scores(q_idx[b], k_idx[b], w_idx[b], scale) for b in range(x.shape[0])])
+
+
 def calibration_stats(model: LT2ForCausalLM, input_ids: torch.Tensor) -> dict[int, LayerStats]:
     """Per full-attention layer: mean look-back distance and concentration per head (averaged over loop steps),
     and the layer's step-0 inputs and attention outputs."""
@@ -102,11 +117,8 @@ def topk_attention_recall(teacher: LT2ForCausalLM, student: LT2ForCausalLM, inpu
         if index not in dsa_layers:
             return
         sparse = student.model.layers[index].self_attn
-        mass = attention_probabilities(module, x, ctx).sum(1)
-        mass = mass / mass.sum(-1, keepdim=True)  # [B, S, S]
-        q_idx, k_idx, w_idx = sparse.indexer(x, ctx)
-        scores = torch.einsum("bshd,btd->bhst", q_idx.float(), k_idx.float()).relu() * q_idx.shape[-1] ** -0.5
-        scores = torch.einsum("bhst,bsh->bst", scores, w_idx.float())
+        mass = head_averaged_attention(module, x, ctx)  # [B, S, S]
+        scores = indexer_logits(sparse, x, ctx)
         seq = x.shape[1]
         causal = torch.ones(seq, seq, dtype=torch.bool, device=x.device).tril()
         chosen = scores.masked_fill(~causal, float("-inf")).topk(min(sparse.topk, seq), dim=-1).indices

@@ -105,6 +105,18 @@ def context_length(text: str) -> int:
     type=click.Path(exists=True, dir_okay=False),
     help="Check an existing plan.yaml against SOURCE and cost it instead of making a new plan.",
 )
+@click.option(
+    "--strategy",
+    type=click.Choice(["placement", "sensitivity"]),
+    default="placement",
+    show_default=True,
+    help="placement: by --placement; sensitivity: align every layer briefly, keep full attention where swapping "
+    "one layer costs the most KL on held-out text (needs the weights).",
+)
+@click.option("--data", multiple=True, help="sensitivity: training text (default: the embedded Shakespeare corpus).")
+@click.option("--align-tokens", default="64k", show_default=True, help="sensitivity: the short align's budget.")
+@click.option("--tokenizer", type=click.Choice(["student", "bytes"]), default="student", show_default=True,
+              help="sensitivity: the source's tokenizer, or UTF-8 bytes as ids.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the plan to this YAML file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan and its costs as JSON.")
 @click.option(
@@ -139,6 +151,10 @@ def plan(
     placement,
     layers,
     plan_file,
+    strategy,
+    data,
+    align_tokens,
+    tokenizer,
     output,
     as_json: bool,
     device: str,
@@ -149,11 +165,20 @@ def plan(
     dtype: str,
 ) -> None:
     """Choose which layers of SOURCE become GDN, DSA or SWA, write plan.yaml, and compare costs."""
+    from lt2convert.distill.recipe import parse_tokens
     from lt2convert.plan import DECODE_CONTEXTS
     from lt2convert.plan import plan as make_plan
 
+    sensitivity = None
+    if strategy == "sensitivity":
+        sensitivity = {
+            "data": list(data) or [default_corpus()],
+            "tokens": parse_tokens(align_tokens, "--align-tokens"),
+            "tokenizer": tokenizer,
+        }
     report = make_plan(
         source,
+        sensitivity=sensitivity,
         recipe=recipe,
         mix=mix,
         placement=placement,
@@ -366,6 +391,73 @@ def eval_command(
     )
     report = results["lt2convert"]
     emit(report, as_json, "print_eval")
+
+
+DISTILL_EXAMPLES = """
+\b
+Examples:
+  lt2convert distill ./hybrid --teacher smollm2-135m --recipe smollm2-135m-full-gdn --tokens 200k -o runs/a
+  lt2convert distill ./hybrid --teacher ouro-1.4b --recipe ouro-1.4b-full-gdn --tokens 1B --data hf:NAME -o runs/b
+  accelerate launch --num_processes 8 -m lt2convert distill ./hybrid --teacher ouro-1.4b ... -o runs/b
+  lt2convert distill --resume -o runs/a                  # continue a run that died, from its last checkpoint
+"""
+
+
+@main.command(epilog=DISTILL_EXAMPLES)
+@click.argument("student", required=False)
+@click.option("--teacher", help="The source the student was converted from (folder, preset or hub id).")
+@click.option("--recipe", help="A shipped recipe name or recipe YAML file with a stages: section.")
+@click.option("--tokens", help="Total token budget, e.g. 200k, 1B; stage budgets keep the recipe's ratios.")
+@click.option(
+    "--data",
+    multiple=True,
+    help="Training text: a .txt/.jsonl/.parquet file, a folder or hf:NAME[:CONFIG][@SPLIT]; repeatable "
+    "(default: the embedded Shakespeare corpus).",
+)
+@click.option("--text-field", default="text", show_default=True, help="The text field of jsonl/parquet/datasets.")
+@click.option("--tokenizer", type=click.Choice(["student", "bytes"]), default="student", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--checkpoint-tokens", default="2M", show_default=True, help="Checkpoint about every this many tokens.")
+@click.option("--keep-checkpoints", type=int, default=2, show_default=True)
+@click.option("--teacher-device", help="Put the teacher on another device, e.g. cuda:1 or cpu.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute layers in backward (kd/finetune).")
+@click.option("--resume", is_flag=True, help="Continue the run in OUTPUT from its last checkpoint.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="The run folder.")
+@fail_cleanly
+def distill(
+    student, teacher, recipe, tokens, data, text_field, tokenizer, seed, checkpoint_tokens, keep_checkpoints,
+    teacher_device, gradient_checkpointing, resume, no_progress, output,
+) -> None:
+    """Distill a converted STUDENT from its teacher, stage by stage (align, kd, finetune) as the recipe says."""
+    from lt2convert.distill import DistillConfig, config_from_run, load_stages, scale_budgets
+    from lt2convert.distill import distill as run_distill
+    from lt2convert.distill.recipe import parse_tokens
+
+    if resume and student is None:
+        config = config_from_run(output)
+        config.progress = not no_progress
+    else:
+        if student is None or teacher is None or recipe is None:
+            raise CLIError("give STUDENT, --teacher and --recipe (or --resume -o RUN to continue a run)")
+        stages = load_stages(recipe)
+        if tokens is not None:
+            stages = scale_budgets(stages, parse_tokens(tokens, "--tokens"))
+        config = DistillConfig(
+            teacher=teacher, student=student, data=list(data) or [default_corpus()], out=output, stages=stages,
+            seed=seed, tokenizer=tokenizer, text_field=text_field,
+            checkpoint_tokens=parse_tokens(checkpoint_tokens, "--checkpoint-tokens"),
+            keep_checkpoints=keep_checkpoints, teacher_device=teacher_device,
+            gradient_checkpointing=gradient_checkpointing, progress=not no_progress,
+        )
+    result = run_distill(config, resume=resume)
+    click.echo(f"wrote {result.final} ({result.tokens:,} tokens trained over {len(result.stages)} stages)")
+
+
+def default_corpus() -> str:
+    from lt2convert.io.assets import fetch_asset
+
+    return str(fetch_asset("shakespeare") / "train.txt")
 
 
 @main.command("fetch-asset")

@@ -376,7 +376,7 @@ def calibration_ids(source_folder: Path, text_path: str | Path, tokens: int, win
     if not path.is_file():
         raise ValueError(f"{path}: calibration text not found")
     text = path.read_text(encoding="utf-8", errors="replace")
-    ids = AutoTokenizer.from_pretrained(source_folder)(text[: tokens * windows * 16]).input_ids
+    ids = AutoTokenizer.from_pretrained(source_folder)(text[: tokens * windows * 16], verbose=False).input_ids
     if len(ids) < tokens * windows:
         raise ValueError(f"{path}: {len(ids)} tokens; calibration needs at least {tokens * windows}")
     return torch.tensor(ids[: tokens * windows]).view(windows, tokens)

@@ -35,6 +35,8 @@ PLAN_FORMAT = "lt2convert/plan"
 PLAN_VERSION = 1
 FULL = "full_attention"
 PLACEMENTS = ("interleave", "ends", "explicit")
+# How a plan's layers were chosen: a placement, or data-driven ranking (lt2convert.sensitivity).
+STRATEGIES = (*PLACEMENTS, "sensitivity")
 NAMED_MIXES = {
     "all-gdn": {"gdn": 1},  # LT2-linear
     "all-dsa": {"dsa": 1},  # LT2-sparse
@@ -370,8 +372,8 @@ def make_settings(mixer: str, values: dict, where: str, problems: list[str]) -> 
 def parse_strategy(data: object, num_layers: int | None, problems: list[str]) -> Strategy:
     record = mapping(data, "strategy", ("name", "recipe", "params", "scores"), problems)
     name, recipe = record.get("name"), record.get("recipe")
-    if "name" in record and record["name"] not in PLACEMENTS:
-        problems.append(f"strategy.name: expected one of {', '.join(PLACEMENTS)}, got {name!r}")
+    if "name" in record and record["name"] not in STRATEGIES:
+        problems.append(f"strategy.name: expected one of {', '.join(STRATEGIES)}, got {name!r}")
     if "recipe" in record:
         check_type(recipe, str | None, "strategy.recipe", problems)
     params = record.get("params", {})
@@ -551,8 +553,8 @@ def recipe_names() -> list[str]:
                   if p.name.endswith(".yaml"))
 
 
-def load_recipe(name: str) -> PlanSpec:
-    """A shipped recipe by name, or a recipe file by path."""
+def read_recipe_data(name: str) -> tuple[dict, str]:
+    """(the parsed YAML mapping, a name for messages) of a shipped recipe by name, or a recipe file by path."""
     import yaml
 
     if Path(name).is_file():
@@ -565,7 +567,15 @@ def load_recipe(name: str) -> PlanSpec:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise PlanError(origin, ["not valid YAML"]) from err
-    if not isinstance(data, dict) or "plan" not in data:
+    if not isinstance(data, dict):
+        raise PlanError(origin, ["expected a mapping with a plan: section"])
+    return data, origin
+
+
+def load_recipe(name: str) -> PlanSpec:
+    """The `plan:` section of a shipped recipe by name, or of a recipe file by path."""
+    data, origin = read_recipe_data(name)
+    if "plan" not in data:
         raise PlanError(origin, ["expected a mapping with a plan: section"])
     problems: list[str] = []
     section = mapping(data["plan"], "plan", ("mix", "placement", "layers", "mixers"), problems, required=("mix",))
@@ -765,17 +775,25 @@ def plan(
     batch: int = 8,
     contexts: tuple[int, ...] = DECODE_CONTEXTS,
     dtype: str = "bf16",
+    sensitivity: dict | None = None,
 ) -> dict:
     """Make a plan for `source` (or check and cost an existing `plan_file`), optionally write it to `output`, and
-    return it as a dict together with its `cost`."""
+    return it as a dict together with its `cost`. `sensitivity` (keyword arguments of
+    `lt2convert.sensitivity.sensitivity_plan`) chooses the full-attention layers from data instead of placing them."""
     from lt2convert.loading import load_config
 
     config, _ = load_config(source)
     if plan_file is not None:
-        if any(given is not None for given in (recipe, mix, placement, layers)):
-            raise PlanError("--plan", ["cannot be combined with --recipe, --mix, --placement or --layers"])
+        if any(given is not None for given in (recipe, mix, placement, layers, sensitivity)):
+            raise PlanError("--plan", ["cannot be combined with --recipe, --mix, --placement, --layers or --strategy"])
         chosen = read_plan(plan_file)
         check_plan_matches(chosen, config, source)
+    elif sensitivity is not None:
+        from lt2convert.sensitivity import sensitivity_plan
+
+        if placement is not None or layers is not None:
+            raise PlanError("--strategy sensitivity", ["chooses the layers itself: drop --placement and --layers"])
+        chosen = sensitivity_plan(source, resolve_spec(recipe, mix), **sensitivity)
     else:
         chosen = build_plan(source, config, resolve_spec(recipe, mix, placement, layers))
     report = {**chosen.to_dict(), "cost": plan_costs(chosen, config, hardware(device, tflops, gbps), batch,

@@ -94,6 +94,9 @@ def print_plan(report: dict) -> None:
     console.print(f"[bold]plan for {source['id']}{where}[/bold]: {strategy['name']}, mix {mix}{recipe}")
     letters = " ".join(MIXER_LETTERS[layer["mixer"]] for layer in report["layers"])
     console.print(f"layers 0..{len(report['layers']) - 1}: {letters}   (F full_attention, G gdn, D dsa, S swa)")
+    if strategy.get("scores"):
+        console.print("sensitivity (KL when this layer alone is swapped): "
+                      + " ".join(f"{i}:{score:.3g}" for i, score in enumerate(strategy["scores"])))
     counts = cost["plan"]["mixer_layers"]
     converted = len(report["layers"]) - counts.get("full_attention", 0)
     console.print(f"{converted} of {len(report['layers'])} layers converted: "

@@ -1,10 +1,12 @@
-"""Recall of a real teacher and its untrained linear-time conversions: SmolLM2-135M vs all-GDN vs Full+GDN 1:4.
+"""Recall of a real teacher and its linear-time conversions: SmolLM2-135M vs all-GDN vs Full+GDN 1:3.
 
 Converts the `smollm2-135m` asset twice with the CLI (plan + convert, no distillation) and runs the `recall`
 suite (associative recall at 16/64/128 pairs, passkey at ~256/512/1024 tokens) on the three models, fp32 on
-the CPU. Prints acc per task and model. Offline: needs only `lt2convert fetch-asset smollm2-135m`.
+the CPU, plus any other model given with --model (e.g. a distilled one). Prints acc per task and model.
+Offline: needs only `lt2convert fetch-asset smollm2-135m`.
 
     python scripts/eval_recall.py [--limit 20] [--tasks recall_passkey_256,...] [--work DIR] [--json out.json]
+        [--model "full+gdn distilled=runs/a/final" ...]
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from lt2convert.io.assets import fetch_asset  # noqa: E402
 
 CONVERSIONS = {
     "all-gdn (no distill)": ["--mix", "all-gdn"],
-    "full+gdn 1:4 (no distill)": ["--recipe", "smollm2-135m-full-gdn"],
+    "full+gdn 1:3 (no distill)": ["--recipe", "smollm2-135m-full-gdn"],
 }
 
 
@@ -50,6 +52,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--work", help="Folder for the converted models (default: a temporary one).")
     parser.add_argument("--json", help="Also write the table as JSON here.")
+    parser.add_argument("--model", action="append", default=[], help="NAME=PATH of another model; repeatable.")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -62,6 +65,11 @@ def main() -> None:
     models = {"smollm2-135m (teacher)": teacher}
     for name, plan_args in CONVERSIONS.items():
         models[name] = convert(teacher, work, name, plan_args)
+    for extra in args.model:
+        name, _, path = extra.partition("=")
+        if not path:
+            parser.error(f"--model {extra!r}: expected NAME=PATH")
+        models[name] = Path(path)
 
     table: dict[str, dict[str, float]] = {}
     for name, folder in models.items():

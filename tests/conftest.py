@@ -1,11 +1,14 @@
 """Test-wide settings: everything runs offline, on tiny checkpoints the tests write themselves."""
 
 import os
+import tempfile
 
 # Must be set before any Hugging Face library is imported.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tokenised training data of test runs stays out of the user's cache (each pytest run gets its own folder).
+os.environ["LT2CONVERT_TOKEN_CACHE"] = tempfile.mkdtemp(prefix="lt2-test-tokens-")
 
 from pathlib import Path  # noqa: E402
 

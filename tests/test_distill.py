@@ -1,41 +1,46 @@
-"""distill: losses by hand, the packed token stream, and the align stage (error drops, only new mixers train,
-exact resume after SIGKILL, NaN stops cleanly)."""
+"""distill: losses by hand, recipe stages, and the trainer on tiny models (each stage kind learns what it should,
+only the right parameters change, exact resume after SIGKILL, NaN stops cleanly, LoRA merges exactly, two
+processes follow one, bad input fails before anything is written)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from lt2convert import load_model
 from lt2convert.calibrate import mixer_output_errors
+from lt2convert.cli import main
 from lt2convert.convert import InitOptions, convert_checkpoint
-from lt2convert.distill import data as data_module
 from lt2convert.distill import train as train_module
-from lt2convert.distill.data import DataError, PackedTokenStream, byte_encode, read_documents
-from lt2convert.distill.losses import align_loss, kd_loss
-from lt2convert.distill.train import AlignConfig, TrainingDiverged, checkpoints, lr_factor, train_align
+from lt2convert.distill.losses import align_loss, exit_kl_loss, indexer_kl_loss, kd_loss
+from lt2convert.distill.recipe import Stage, load_stages, parse_stages, scale_budgets
+from lt2convert.distill.train import DistillConfig, TrainingDiverged, checkpoints, distill, lr_factor
 from lt2convert.io.checkpoint import LazyCheckpoint
 from lt2convert.loading import derive_config, load_config
+from lt2convert.plan import PlanError
 from lt2convert.testing import ouro_config, write_checkpoint
 
-TINY = ouro_config(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    head_dim=16,
-    total_ut_steps=2,
+SHAPE = dict(
+    hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2, head_dim=16, total_ut_steps=2
 )
-STEPS, BATCH, SEQ = 20, 2, 16
+TINY = ouro_config(num_hidden_layers=2, **SHAPE)
+BATCH, SEQ = 2, 16
+ALIGN = Stage(name="align", kind="align", tokens=20 * BATCH * SEQ, seq_len=SEQ, batch_size=BATCH, lr=1e-2, warmup=0.1)
+KD = Stage(
+    name="kd", kind="kd", tokens=10 * BATCH * SEQ, seq_len=SEQ, batch_size=BATCH, lr=3e-3, every_step=True,
+    exit_weight=0.1,
+)
 MIXER = "model.layers.1.self_attn."  # the one converted layer
 
 
@@ -70,61 +75,77 @@ def test_kd_loss_matches_hand_computation():
         kd_loss(student, teacher, temperature=0)
 
 
+def test_exit_and_indexer_kl_match_hand_computation():
+    teacher = torch.tensor([[0.25], [0.75]])  # [steps, tokens]
+    student = torch.tensor([[0.5], [0.5]])
+    expected = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
+    assert exit_kl_loss(student, teacher).item() == pytest.approx(expected, rel=1e-6)
+    assert exit_kl_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
+    # query 0 sees only key 0 (KL 0); query 1: p = (1/4, 3/4), indexer logits (0, 0) -> q = (1/2, 1/2)
+    attention = torch.tensor([[[1.0, 0.0], [0.25, 0.75]]])
+    logits = torch.tensor([[[5.0, 123.0], [0.0, 0.0]]])  # the future key's logit must be ignored
+    assert indexer_kl_loss(logits, attention).item() == pytest.approx(expected / 2, rel=1e-6)
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     factors = [lr_factor(s, 10, 2, 0.1) for s in range(10)]
     assert factors[:2] == [0.5, 1.0] and factors[2] == pytest.approx(1.0)
     assert factors[-1] == pytest.approx(0.1) and all(a >= b for a, b in zip(factors[1:-1], factors[2:], strict=True))
 
 
-# ----------------------------------------------------------------------------------------------------- data
+# --------------------------------------------------------------------------------------------------- recipes
 
 
-def test_stream_is_deterministic_covers_every_window_and_resumes(tmp_path):
-    (tmp_path / "a.txt").write_text("abcdefgh" * 10)
-    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "0123456789" * 4}) + "\n\n" + json.dumps({"text": "xy"}))
-    files = [tmp_path / "a.txt", tmp_path / "b.jsonl"]
-    stream = PackedTokenStream(files, byte_encode, 8, seed=5, eos_id=255)
-    assert stream.num_windows == (80 + 41 + 3) // 8
-    epoch = torch.cat([stream.next_batch(1)[0] for _ in range(stream.num_windows)])
-    assert sorted(map(tuple, epoch.tolist())) == sorted(map(tuple, stream.tokens.tolist()))  # each window once
-    again = PackedTokenStream(files, byte_encode, 8, seed=5, eos_id=255)
-    first, positions = again.next_batch(3)
-    assert positions == [0, 1, 2] and torch.equal(first, epoch[:3])
-    resumed = PackedTokenStream(files, byte_encode, 8, seed=5, eos_id=255)
-    resumed.load_state_dict(json.loads(json.dumps(again.state_dict())))
-    assert torch.equal(resumed.next_batch(4)[0], again.next_batch(4)[0])
-    other = PackedTokenStream(files, byte_encode, 8, seed=6, eos_id=255)
-    assert not torch.equal(other.next_batch(stream.num_windows)[0], epoch)
-    with pytest.raises(DataError, match="seed=6"):
-        resumed.load_state_dict(other.state_dict())
+def test_shipped_recipes_have_valid_stages_and_tokens_rescale_them():
+    for name in ("tiny", "smollm2-135m-full-gdn", "ouro-1.4b-full-gdn", "ouro-1.4b-gdn-dsa"):
+        assert load_stages(name)
+    ouro = load_stages("ouro-1.4b-full-gdn")
+    assert [s.kind for s in ouro] == ["align", "kd", "finetune"] and sum(s.tokens for s in ouro) == 10**9
+    assert ouro[1].every_step and ouro[2].trainable == "all"
+    half = scale_budgets(ouro, 500_000_000)
+    assert [s.tokens for s in half] == [s.tokens // 2 for s in ouro]
+    assert [s.lr for s in half] == [s.lr for s in ouro]
+    every_stage_named = r"stages\[0\] \(align\)\.tokens: .* stages\[2\] \(finetune\)\.tokens: a budget"
+    with pytest.raises(ValueError, match=every_stage_named):
+        scale_budgets(ouro, 100_000)
+    with pytest.raises(PlanError, match="no stages: section"):
+        load_stages("lt2-linear")
 
 
-def test_data_errors_name_the_file(tmp_path):
-    (tmp_path / "empty.txt").write_text("  \n")
-    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00abc")
-    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
-    (tmp_path / "data.csv").write_text("a,b")
-    (tmp_path / "short.txt").write_text("abc")
-    cases = {
-        "missing.txt": "missing.txt: training text file not found",
-        "empty.txt": "empty.txt: no text",
-        "binary.txt": "binary.txt: not UTF-8 text",
-        "bad.jsonl": "bad.jsonl line 2: expected a JSON object with a string 'text' field",
-        "data.csv": "data.csv: unsupported file type",
-    }
-    for name, message in cases.items():
-        with pytest.raises(DataError, match=message):
-            read_documents(tmp_path / name)
-    with pytest.raises(DataError, match="fewer than one window of 16"):
-        PackedTokenStream([tmp_path / "short.txt"], byte_encode, 16, seed=0)
-    assert data_module.read_documents(tmp_path / "short.txt") == ["abc"]
+def test_stage_errors_are_all_reported_at_once():
+    bad = [
+        {"kind": "align", "tokens": "1M", "trainable": "all"},
+        {"kind": "distil", "tokens": 100},
+        {"kind": "kd", "tokens": "lots"},
+        {"kind": "kd", "tokens": 10, "seq_len": 8, "batch_size": 2},
+        {"kind": "kd", "tokens": 1000, "lr": -1, "colour": "red"},
+    ]
+    with pytest.raises(PlanError) as err:
+        parse_stages(bad, "recipe x")
+    text = str(err.value)
+    for part in (
+        "stages[0].trainable: the align stage trains the new mixers only",
+        "stages[1].kind: expected one of align, kd, finetune, got 'distil'",
+        "stages[2].tokens: expected a token count",
+        "stages[3].tokens: a budget of 10 tokens is less than one step of 2 x 8 tokens",
+        "stages[4]: unknown keys colour",
+    ):
+        assert part in text, text
+    lora = parse_stages([{"kind": "finetune", "tokens": "5k", "trainable": "lora"}], "r")[0]
+    assert lora.lora is not None and lora.lora.r == 16 and lora.tokens == 5000 and lora.name == "finetune"
 
 
-# ---------------------------------------------------------------------------------------------------- align
+# ---------------------------------------------------------------------------------------------------- trainer
+
+
+def words_text(count: int, seed: int = 0) -> str:
+    words = ["loop", "state", "mixer", "delta", "token", "the", "a", "of", "gate", "decay", "key", "value"]
+    generator = torch.Generator().manual_seed(seed)
+    return " ".join(words[i] for i in torch.randint(0, len(words), (count,), generator=generator).tolist())
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")
     teacher = write_checkpoint(root / "teacher", TINY, seed=1)
     source, _ = load_config(teacher)
@@ -134,45 +155,38 @@ def setup(tmp_path_factory):
         root / "student",
         init=InitOptions(gdn_norm="unit"),
     )
-    words = ["loop", "state", "mixer", "delta", "token", "the", "a", "of", "gate", "decay", "key", "value"]
-    generator = torch.Generator().manual_seed(0)
-    text = " ".join(words[i] for i in torch.randint(0, len(words), (1200,), generator=generator).tolist())
-    (root / "train.txt").write_text(text)
-    config = AlignConfig(
-        teacher=str(teacher),
-        student=str(student),
-        data=[str(root / "train.txt")],
-        out=str(root / "run-a"),
-        tokens=STEPS * BATCH * SEQ,
-        seq_len=SEQ,
-        batch_size=BATCH,
-        lr=1e-2,
-        warmup_steps=2,
-        checkpoint_every=3,
-        tokenizer="bytes",
+    (root / "train.txt").write_text(words_text(1200))
+    config = DistillConfig(
+        teacher=str(teacher), student=str(student), data=[str(root / "train.txt")], out=str(root / "run-a"),
+        stages=[ALIGN, KD], tokenizer="bytes", checkpoint_tokens=3 * BATCH * SEQ, progress=False,
     )
-    result = train_align(config)
+    result = distill(config)
     return {"root": root, "teacher": teacher, "student": student, "config": config, "result": result}
 
 
-def metrics(run) -> list[dict]:
+def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_align_reduces_mixer_output_error(setup):
-    assert setup["result"].steps == STEPS and setup["result"].tokens == STEPS * BATCH * SEQ
+def test_align_reduces_mixer_output_error_and_kd_reduces_kl(tiny):
+    result = tiny["result"]
+    assert result.tokens == (20 + 10) * BATCH * SEQ and [p.name for p in result.stages] == ["0-align", "1-kd"]
     held_out = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(123))
-    teacher = load_model(setup["teacher"])
-    before = mixer_output_errors(teacher, load_model(setup["student"]), held_out)
-    after = mixer_output_errors(teacher, load_model(setup["result"].final), held_out)
+    teacher = load_model(tiny["teacher"])
+    before = mixer_output_errors(teacher, load_model(tiny["student"]), held_out)
+    after = mixer_output_errors(teacher, load_model(result.stages[0]), held_out)
     assert set(before) == {1} and after[1] < 0.8 * before[1], (before, after)
-    losses = [m["loss"] for m in metrics(setup["root"] / "run-a")]
-    assert sum(losses[-5:]) < sum(losses[:5])
+    lines = metrics(tiny["root"] / "run-a")
+    align = [m["loss"] for m in lines if m["stage"] == "align"]
+    kd = [m for m in lines if m["stage"] == "kd"]
+    assert len(align) == 20 and len(kd) == 10 and sum(align[-5:]) < sum(align[:5])
+    assert all({"logit_kl", "exit_kl"} <= set(m) for m in kd)
+    assert sum(m["loss"] for m in kd[-3:]) < sum(m["loss"] for m in kd[:3])
 
 
-def test_only_the_new_mixers_change(setup):
-    teacher, final = LazyCheckpoint(setup["teacher"]), LazyCheckpoint(setup["result"].final)
-    student = LazyCheckpoint(setup["student"])
+def test_only_the_new_mixers_change(tiny):
+    teacher, final = LazyCheckpoint(tiny["teacher"]), LazyCheckpoint(tiny["result"].final)
+    student = LazyCheckpoint(tiny["student"])
     assert set(final.names()) == set(student.names())
     for name in final.names():
         if name.startswith(MIXER):
@@ -180,53 +194,58 @@ def test_only_the_new_mixers_change(setup):
         assert torch.equal(final.get(name), teacher.get(name)), name
     assert any(not torch.equal(final.get(n), student.get(n)) for n in final.names() if n.startswith(MIXER))
     with pytest.raises(ValueError, match="no converted layers"):
-        train_module.converted_layers(load_config(setup["teacher"])[0], load_config(setup["teacher"])[0])
+        train_module.converted_layers(load_config(tiny["teacher"])[0], load_config(tiny["teacher"])[0])
 
 
 KILLED_RUN = """
 import json, sys, time
 import lt2convert.distill.train as t
-original = t.align_loss
+from lt2convert.distill.recipe import stage_from_settings
+original = t.STEPS["kd"]
 def slow(*args, **kwargs):
     time.sleep(0.05)
     return original(*args, **kwargs)
-t.align_loss = slow
-t.train_align(t.AlignConfig(**json.loads(sys.argv[1])))
+t.STEPS["kd"] = slow
+settings = json.loads(sys.argv[1])
+settings["stages"] = [stage_from_settings(s) for s in settings["stages"]]
+t.distill(t.DistillConfig(**settings))
 """
 
 
-def test_resume_after_sigkill_is_exact(setup):
-    config = replace(setup["config"], out=str(setup["root"] / "run-b"))
-    run = setup["root"] / "run-b"
+def test_resume_after_sigkill_is_exact(tiny):
+    config = replace(tiny["config"], out=str(tiny["root"] / "run-b"))
+    run = tiny["root"] / "run-b"
     process = subprocess.Popen([sys.executable, "-c", KILLED_RUN, json.dumps(config.settings())])
-    deadline = time.monotonic() + 60
-    while not checkpoints(run) and process.poll() is None and time.monotonic() < deadline:
+    deadline = time.monotonic() + 120
+    kd_checkpoints = run / "checkpoints" / "1-kd"
+    while not checkpoints(kd_checkpoints) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    time.sleep(0.13)  # somewhere mid-step, after a checkpoint
+    time.sleep(0.13)  # somewhere mid-step of the kd stage, after a checkpoint
     assert process.poll() is None, "the run finished before it could be killed"
     process.kill()
     process.wait()
-    assert checkpoints(run) and not (run / "final").exists()
-    killed_at = int(checkpoints(run)[-1].name.removeprefix("step-"))
-    assert 0 < killed_at < STEPS
-    with pytest.raises(FileExistsError, match="resume=True"):
-        train_align(config)
-    result = train_align(config, resume=True)
-    a, b = load_file(setup["result"].final / "model.safetensors"), load_file(result.final / "model.safetensors")
+    assert checkpoints(kd_checkpoints) and not (run / "final").exists()
+    killed_at = int(checkpoints(kd_checkpoints)[-1].name.removeprefix("step-"))
+    assert 0 < killed_at < 10
+    with pytest.raises(FileExistsError, match="--resume"):
+        distill(config)
+    result = distill(config, resume=True)
+    a, b = load_file(tiny["result"].final / "model.safetensors"), load_file(result.final / "model.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
-    ma, mb = metrics(setup["root"] / "run-a"), metrics(run)
-    assert [m["step"] for m in mb] == list(range(1, STEPS + 1))
-    windows = [w for m in mb for w in m["windows"]]
-    assert windows == list(range(STEPS * BATCH))  # no window trained twice or skipped
-    assert [(m["windows"], m["loss"], m["lr"], m["tokens"]) for m in ma] == [
-        (m["windows"], m["loss"], m["lr"], m["tokens"]) for m in mb
-    ]
-    with pytest.raises(ValueError, match="different settings \\(lr\\)"):
-        train_align(replace(config, lr=1.0), resume=True)
+    ma, mb = metrics(tiny["root"] / "run-a"), metrics(run)
+    for stage, steps in (("align", 20), ("kd", 10)):
+        lines = [m for m in mb if m["stage"] == stage]
+        assert [m["step"] for m in lines] == list(range(1, steps + 1))
+        assert [w for m in lines for w in m["windows"]] == list(range(steps * BATCH))  # none twice, none skipped
+    keys = ("stage", "windows", "loss", "lr", "tokens")
+    assert [[m[k] for k in keys] for m in ma] == [[m[k] for k in keys] for m in mb]
+    changed = replace(config, stages=[ALIGN, replace(KD, lr=1.0)])
+    with pytest.raises(ValueError, match=r"different settings \(stages\)"):
+        distill(changed, resume=True)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, monkeypatch):
-    config = replace(setup["config"], out=str(setup["root"] / "run-nan"))
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, monkeypatch):
+    config = replace(tiny["config"], out=str(tiny["root"] / "run-nan"), stages=[ALIGN])
     calls = {"n": 0}
     original = train_module.align_loss
 
@@ -237,11 +256,150 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, monkeypatch):
 
     monkeypatch.setattr(train_module, "align_loss", poisoned)
     with pytest.raises(TrainingDiverged, match=r"align step 7: loss nan.*last good checkpoint: .*step-00000006"):
-        train_align(config)
-    run = setup["root"] / "run-nan"
-    assert [c.name for c in checkpoints(run)] == ["step-00000003", "step-00000006"]
-    assert len(metrics(run)) == 6 and not (run / "final").exists()
+        distill(config)
+    run = tiny["root"] / "run-nan"
+    assert [c.name for c in checkpoints(run / "checkpoints" / "0-align")] == ["step-00000003", "step-00000006"]
+    assert len(metrics(run)) == 6 and not (run / "stages").exists()
     monkeypatch.setattr(train_module, "align_loss", original)
-    result = train_align(config, resume=True)  # the kept checkpoint is intact: resuming reproduces run A
-    a, b = load_file(setup["result"].final / "model.safetensors"), load_file(result.final / "model.safetensors")
+    result = distill(config, resume=True)  # the kept checkpoint is intact: resuming reproduces run A's align
+    a, b = load_file(tiny["result"].stages[0] / "model.safetensors"), load_file(result.stages[0] / "model.safetensors")
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_lora_finetune_trains_only_adapters_and_merges_exactly(tiny):
+    lora = parse_stages(
+        [{"kind": "finetune", "tokens": 4 * BATCH * SEQ, "seq_len": SEQ, "batch_size": BATCH, "lr": 1e-2,
+          "trainable": "lora", "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}],
+        "test",
+    )[0]
+    config = replace(tiny["config"], out=str(tiny["root"] / "run-lora"), student=str(tiny["result"].final),
+                     stages=[lora], checkpoint_tokens=10**6)
+    result = distill(config)
+    saved = load_file(checkpoints(Path(config.out) / "checkpoints" / "0-finetune")[-1] / "trainable.safetensors")
+    assert saved and all(".lora_A." in n or ".lora_B." in n for n in saved)
+    before, after = LazyCheckpoint(tiny["result"].final), LazyCheckpoint(result.final)
+    targets = (".q_proj.", ".v_proj.")
+    for name in before.names():
+        same = torch.equal(before.get(name), after.get(name))
+        assert same != any(t in name for t in targets), name  # GDN layers have q_proj/v_proj too
+    # The adapted model, rebuilt from the base weights and the saved adapters, gives the merged export's logits.
+    from peft import LoraConfig, get_peft_model
+
+    base = load_model(tiny["result"].final, dtype="float32")
+    adapted = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    state = dict(adapted.named_parameters())
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            state[name].copy_(tensor)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = adapted(input_ids=ids, use_cache=False).logits
+        merged = load_model(result.final, dtype="float32")(ids, use_cache=False).logits
+    assert torch.allclose(expected, merged, rtol=1e-5, atol=1e-5)
+    untouched = load_model(tiny["result"].final, dtype="float32")(ids, use_cache=False).logits
+    assert not torch.allclose(expected, untouched, atol=1e-3)  # the adapters did something
+
+
+def test_dsa_indexer_warm_up_lowers_its_kl(tmp_path):
+    teacher = write_checkpoint(tmp_path / "teacher", ouro_config(num_hidden_layers=3, **SHAPE), seed=2)
+    source, _ = load_config(teacher)
+    student = convert_checkpoint(
+        teacher,
+        derive_config(source, {"layer_types": ["full_attention", "gdn", "dsa"], "dsa_topk": 4, "dsa_index_n_heads": 2}),
+        tmp_path / "student",
+        init=InitOptions(gdn_norm="unit"),
+    )
+    (tmp_path / "train.txt").write_text(words_text(800, seed=1))
+    stage = replace(ALIGN, tokens=16 * BATCH * SEQ, lr=3e-3)
+    config = DistillConfig(
+        teacher=str(teacher), student=str(student), data=[str(tmp_path / "train.txt")], out=str(tmp_path / "run"),
+        stages=[stage], tokenizer="bytes", progress=False,
+    )
+    distill(config)
+    kl = [m["indexer_kl"]["2"] for m in metrics(tmp_path / "run")]
+    assert set(metrics(tmp_path / "run")[0]["layer_loss"]) == {"1", "2"}
+    assert sum(kl[-4:]) < 0.9 * sum(kl[:4]), kl
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny):
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        model = load_model(tiny["student"], dtype="float32")
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and all(
+        torch.allclose(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7) for n in grads[0]
+    )
+
+
+# ------------------------------------------------------------------------------------------- several processes
+
+
+def test_two_processes_follow_the_single_process_run(tiny, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "stages:\n"
+        f"  - {{kind: align, tokens: {8 * 4 * SEQ}, seq_len: {SEQ}, batch_size: 4, lr: 1.0e-2}}\n"
+        f"  - {{kind: kd, tokens: {6 * 4 * SEQ}, seq_len: {SEQ}, batch_size: 4, lr: 3.0e-3, every_step: true}}\n"
+    )
+    common = [
+        "distill", tiny["student"], "--teacher", tiny["teacher"], "--recipe", recipe, "--tokenizer", "bytes",
+        "--data", tiny["root"] / "train.txt", "--no-progress",
+    ]
+    one = CliRunner().invoke(main, [*map(str, common), "-o", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+        "-m", "lt2convert", *map(str, common), "-o", str(tmp_path / "two"),
+    ]
+    two = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[:6000]
+    single, double = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [(m["stage"], m["windows"]) for m in single] == [(m["stage"], m["windows"]) for m in double]
+    # Same windows, gradients averaged over the halves: only float summation order differs.
+    for a, b in zip(single, double, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a["stage"], a["step"])
+    assert (tmp_path / "two" / "final" / "model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_fails_clearly_and_writes_nothing(tiny, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("abc")
+    base = [
+        "distill", tiny["student"], "--teacher", tiny["teacher"], "--recipe", "tiny", "--tokenizer", "bytes",
+        "--no-progress",
+    ]
+    cases = {
+        "missing.txt": "missing.txt",
+        "empty.txt": "empty.txt",
+        "short.txt": "fewer than one window",
+    }
+    for name, message in cases.items():
+        out = tmp_path / f"run-{name}"
+        result = CliRunner().invoke(main, [*map(str, base), "--data", str(tmp_path / name), "-o", str(out)])
+        assert result.exit_code == 1 and message in result.output, result.output
+    tiny_budget = CliRunner().invoke(main, [*map(str, base), "--tokens", "100", "-o", str(tmp_path / "run-b")])
+    assert tiny_budget.exit_code == 1 and "less than one step" in tiny_budget.output
+    assert not (tmp_path / "run-b").exists()
+    other = write_checkpoint(tmp_path / "other", ouro_config(num_hidden_layers=2, vocab_size=300, **SHAPE), seed=3)
+    mismatch = CliRunner().invoke(main, [*map(str, base[:2]), "--teacher", str(other), *map(str, base[4:]),
+                                         "--data", str(tiny["root"] / "train.txt"), "-o", str(tmp_path / "run-mm")])
+    assert mismatch.exit_code == 1 and "tokenizer mismatch" in mismatch.output, mismatch.output
+    # Resuming a run folder with another recipe: refused, and the run folder is untouched.
+    run = Path(tiny["config"].out)
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    other_recipe = CliRunner().invoke(main, [*map(str, base), "--data", str(tiny["root"] / "train.txt"), "--resume",
+                                             "-o", str(run)])
+    assert other_recipe.exit_code == 1 and "cannot resume a run with different settings" in other_recipe.output
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    no_resume = CliRunner().invoke(main, [*map(str, base), "--data", str(tiny["root"] / "train.txt"), "-o", str(run)])
+    assert no_resume.exit_code == 1 and "pass --resume" in no_resume.output

@@ -1,45 +1,55 @@
-"""The align stage: teacher-forced training of a converted hybrid's new mixers against the attention they replace.
+"""The distillation trainer: a converted hybrid (the student) learns from its source (the teacher), stage by stage.
 
-For every converted layer (student.layer_types[i] != teacher.layer_types[i]) and every loop step, the student's
-new mixer is fed the teacher's own mixer input (and context) and trained with `align_loss` against the teacher
-attention's output. Everything else in the student stays frozen and bit-identical.
+Stages come from a recipe (see `lt2convert.distill.recipe`). Each stage starts from the previous stage's
+output, trains its own parameter set on its own token budget, and ends by writing the whole student (fp32) to
+`stages/`; the next stage, whether in the same process or after a resume, starts from that folder, so an
+interrupted run continues bit-identically.
 
-Run folder (`AlignConfig.out`):
-    align_config.json                 the settings; a resumed run must use the same ones
-    metrics.jsonl                     one line per optimizer step
-    checkpoints/step-NNNNNNNN/        written atomically every `checkpoint_every` steps and at the end:
-        mixers.safetensors            the new mixers' weights
-        trainer_state.pt              optimizer, scheduler, RNG states, data position, step, tokens seen
-        metrics.jsonl                 the metrics up to this step (restored on resume)
-        state.json                    step, tokens and data position, for people
-    final/                            the whole student, a checkpoint folder `load_model` reads
+Run folder (`DistillConfig.out`):
+    run.json                              the resolved settings and stages; a resumed run must use the same ones
+    metrics.jsonl                         one line per optimizer step (every stage)
+    checkpoints/<k>-<stage>/step-NNNNNNNN/  every `checkpoint_tokens` tokens and at the stage's end, atomically:
+        accelerate state                  optimizer, scheduler, every process's RNG, the progress (step, tokens,
+                                          data position), via Accelerator.save_state
+        trainable.safetensors             the parameters this stage trains (LoRA adapters in a LoRA stage)
+        metrics.jsonl                     the metrics up to this step (restored on resume)
+    stages/<k>-<stage>/                   the student after the stage (fp32, a checkpoint folder)
+    final/                                the student after the last stage, in the student's dtype, with its
+                                          config, tokenizer and remote code: loads without lt2convert
+
+Several processes (`accelerate launch --num_processes N`) split each batch's rows between them and average
+their gradients before every optimizer step, so N processes follow the single-process run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import random
+import os
 import shutil
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from lt2convert.calibrate import capture_mixer_calls
-from lt2convert.distill.data import PackedTokenStream, byte_encode, hf_encode
-from lt2convert.distill.losses import align_loss
+from lt2convert.calibrate import capture_mixer_calls, head_averaged_attention, indexer_logits
+from lt2convert.distill.data import PackedTokenStream, byte_encode, hf_encode, load_token_ids
+from lt2convert.distill.losses import align_loss, exit_kl_loss, indexer_kl_loss, kd_loss
+from lt2convert.distill.recipe import Stage, stage_from_settings
 from lt2convert.io.checkpoint import INDEX_FILE
 from lt2convert.io.writer import ShardedWriter, atomic_directory, write_json
 from lt2convert.loading import load_config, load_model, resolve_checkpoint, resolve_dtype
 from lt2convert.modeling import LT2Config, LT2ForCausalLM
+from lt2convert.modeling.modeling_lt2 import LT2SparseAttention, MixerContext
 
 TOKENIZERS = ("student", "bytes")
 CHECKPOINT_PREFIX = "step-"
+TRAINABLE_FILE = "trainable.safetensors"
 
 
 class TrainingDiverged(RuntimeError):
@@ -47,58 +57,49 @@ class TrainingDiverged(RuntimeError):
 
 
 @dataclass
-class AlignConfig:
+class DistillConfig:
     teacher: str  # the source checkpoint (folder, preset or hub id)
     student: str  # the converted hybrid's folder
-    data: list[str]  # .txt / .jsonl training text files
+    data: list[str]  # training text: files, folders or hf:NAME datasets (tokenised once into a cache:
+    # $LT2CONVERT_TOKEN_CACHE, else the asset cache's tokens/ folder)
     out: str  # the run folder
-    tokens: int  # token budget: steps = tokens // (batch_size * seq_len)
-    seq_len: int = 512
-    batch_size: int = 8
-    lr: float = 1e-3
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio at the last step
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # max global gradient norm of the new mixers
-    normalize_loss: bool = True  # MSE / teacher mean square (see align_loss)
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2  # the most recent checkpoints kept on disk
+    stages: list[Stage]
     seed: int = 0
     tokenizer: str = "student"  # "student": the student folder's tokenizer; "bytes": UTF-8 bytes as ids
+    text_field: str = "text"
+    checkpoint_tokens: int = 2_000_000  # a checkpoint about every this many tokens, and at each stage's end
+    keep_checkpoints: int = 2  # the most recent checkpoints of a stage kept on disk
+    teacher_device: str | None = None  # default: the student's device
+    gradient_checkpointing: bool = False  # recompute each layer in backward (kd/finetune) to save memory
+    progress: bool = True  # a progress bar on the main process
 
     def __post_init__(self):
         self.data = [str(p) for p in self.data]
         if self.tokenizer not in TOKENIZERS:
             raise ValueError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, got {self.tokenizer!r}")
-        for name in ("tokens", "seq_len", "batch_size", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.grad_clip <= 0:
-            raise ValueError("lr and grad_clip must be positive")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be non-negative, got {self.warmup_steps}")
-
-    @property
-    def steps(self) -> int:
-        steps = self.tokens // (self.batch_size * self.seq_len)
-        if steps < 1:
-            raise ValueError(
-                f"a budget of {self.tokens} tokens is less than one step of {self.batch_size} x {self.seq_len}"
-            )
-        return steps
+        if self.checkpoint_tokens < 1 or self.keep_checkpoints < 1:
+            raise ValueError("checkpoint_tokens and keep_checkpoints must be at least 1")
+        if not self.stages:
+            raise ValueError("no stages to run")
+        if not self.data:
+            raise ValueError("no training data given")
 
     def settings(self) -> dict:
-        return asdict(self)
+        """What defines the run (a resume must match it); display-only options are left out."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("progress",)}
+        values["stages"] = [s.settings() for s in self.stages]
+        return values
 
 
 @dataclass
-class AlignResult:
+class DistillResult:
     final: Path  # the exported student
-    steps: int
-    tokens: int
-    loss: float | None  # the last step's loss (None when resuming a finished run trained no step)
+    stages: list[Path]  # each stage's output folder
+    tokens: int  # tokens trained on in all
+    losses: dict[str, float | None] = field(default_factory=dict)  # each stage's last loss (None: resumed past it)
+
+
+# --------------------------------------------------------------------------------------------------- layers
 
 
 def converted_layers(teacher: LT2Config, student: LT2Config) -> list[int]:
@@ -113,22 +114,155 @@ def converted_layers(teacher: LT2Config, student: LT2Config) -> list[int]:
     return converted
 
 
+def check_pair(teacher: LT2Config, student: LT2Config) -> None:
+    """The student must be a conversion of the teacher: same vocabulary and loop."""
+    if teacher.vocab_size != student.vocab_size:
+        raise ValueError(
+            f"tokenizer mismatch: the teacher has a vocabulary of {teacher.vocab_size} tokens, the student "
+            f"{student.vocab_size}; a student must be converted from its teacher"
+        )
+    converted_layers(teacher, student)
+
+
 def mixer_prefixes(converted: list[int]) -> tuple[str, ...]:
     return tuple(f"model.layers.{i}.self_attn." for i in converted)
 
 
-def freeze_all_but_mixers(student: LT2ForCausalLM, converted: list[int]) -> list[torch.nn.Parameter]:
-    """Make only the converted layers' mixer parameters trainable, check that, and return them."""
+def make_trainable(student: LT2ForCausalLM, stage: Stage, converted: list[int]) -> tuple[torch.nn.Module, dict]:
+    """(the module to train, {name: parameter} of what trains) for the stage's trainable set."""
     student.requires_grad_(False)
-    for i in converted:
-        student.model.layers[i].self_attn.requires_grad_(True)
-    prefixes = mixer_prefixes(converted)
-    named = dict(student.named_parameters())
-    trainable = {n for n, p in named.items() if p.requires_grad}
-    expected = {n for n in named if n.startswith(prefixes)}
-    if trainable != expected or not expected:
-        raise RuntimeError(f"trainable parameters {sorted(trainable ^ expected)[:5]} differ from the new mixers'")
-    return [named[n] for n in sorted(expected)]
+    model: torch.nn.Module = student
+    if stage.trainable == "mixers":
+        for i in converted:
+            student.model.layers[i].self_attn.requires_grad_(True)
+    elif stage.trainable == "all":
+        student.requires_grad_(True)
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        lora = stage.lora
+        settings = LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)
+        )
+        model = get_peft_model(student, settings)
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if stage.trainable == "mixers" and set(named) != {
+        n for n, _ in student.named_parameters() if n.startswith(mixer_prefixes(converted))
+    }:
+        raise RuntimeError("the trainable parameters differ from the converted layers' mixers")
+    if not named:
+        raise ValueError(f"stage {stage.name}: nothing to train")
+    return model, named
+
+
+def base_model(model: torch.nn.Module) -> LT2ForCausalLM:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+# ---------------------------------------------------------------------------------------------------- steps
+
+
+@dataclass
+class StepContext:
+    teacher: LT2ForCausalLM
+    model: torch.nn.Module  # the student, or its LoRA wrapper
+    converted: list[int]
+    stage: Stage
+    backward: Callable[[torch.Tensor], None]
+    device: torch.device
+    num_processes: int = 1
+
+    def batch_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a per-process mean over the processes (each holds an equal share of the batch)."""
+        if self.num_processes > 1:
+            value = value.clone()
+            torch.distributed.all_reduce(value)
+            value /= self.num_processes
+        return value
+
+
+def context_to(ctx: MixerContext, device: torch.device) -> MixerContext:
+    moved = {
+        f.name: getattr(ctx, f.name).to(device) if torch.is_tensor(getattr(ctx, f.name)) else getattr(ctx, f.name)
+        for f in dataclasses.fields(ctx)
+    }
+    return MixerContext(**moved)
+
+
+def align_step(run: StepContext, ids: torch.Tensor) -> dict:
+    """Run the teacher once; for every (converted layer, loop step) backpropagate that call's align loss (plus a
+    DSA indexer's KL warm-up), scaled so the gradients are those of the mean over calls."""
+    student, stage = base_model(run.model), run.stage
+    calls = len(run.converted) * run.teacher.config.total_ut_steps
+    per_layer: dict[int, float] = defaultdict(float)
+    indexer: dict[int, float] = defaultdict(float)
+
+    def on_call(index, step, module, x, ctx, output):
+        if index not in run.converted:
+            return
+        mixer = student.model.layers[index].self_attn
+        x_s, ctx_s = x.to(run.device), context_to(ctx, run.device)
+        target = output.to(run.device)
+        # With several processes, normalise by the whole batch's mean square so they follow one process exactly.
+        mean_square = run.batch_mean(target.float().pow(2).mean()) if run.num_processes > 1 else None
+        with torch.enable_grad():
+            loss = align_loss(mixer(x_s, ctx_s, None), target, stage.normalize, mean_square)
+            total = loss
+            if isinstance(mixer, LT2SparseAttention) and stage.indexer_weight > 0:
+                kl = indexer_kl_loss(indexer_logits(mixer, x_s, ctx_s), head_averaged_attention(module, x, ctx))
+                indexer[index] += kl.item() / run.teacher.config.total_ut_steps
+                total = total + stage.indexer_weight * kl.to(run.device)
+            run.backward(total / calls)
+        per_layer[index] += loss.item() / run.teacher.config.total_ut_steps
+
+    capture_mixer_calls(run.teacher, ids.to(run.teacher.device), on_call)
+    record = {
+        "loss": sum(per_layer.values()) / len(per_layer),
+        "layer_loss": {str(i): v for i, v in sorted(per_layer.items())},
+    }
+    if indexer:
+        record["indexer_kl"] = {str(i): v for i, v in sorted(indexer.items())}
+    return record
+
+
+def kd_step(run: StepContext, ids: torch.Tensor) -> dict:
+    """KL(teacher ‖ student) on the exit logits, or averaged over every loop step's logits, plus the exit
+    distributions' KL when the stage weights it."""
+    stage, every = run.stage, run.stage.every_step
+    with torch.no_grad():
+        taught = run.teacher(ids.to(run.teacher.device), use_cache=False, output_step_hidden_states=every)
+    out = run.model(input_ids=ids, use_cache=False, output_step_hidden_states=every)
+    if every:
+        student_head, teacher_head = base_model(run.model).lm_head, run.teacher.lm_head
+        with torch.no_grad():
+            targets = [teacher_head(t).to(run.device) for t in taught.step_hidden_states]
+        losses = [
+            kd_loss(student_head(s), t, stage.temperature)
+            for s, t in zip(out.step_hidden_states, targets, strict=True)
+        ]
+        logit_loss = torch.stack(losses).mean()
+    else:
+        logit_loss = kd_loss(out.logits, taught.logits.to(run.device), stage.temperature)
+    loss = logit_loss
+    record = {}
+    if stage.exit_weight > 0 and taught.exit_probs is not None:
+        exit_loss = exit_kl_loss(out.exit_probs, taught.exit_probs.to(run.device))
+        loss = loss + stage.exit_weight * exit_loss
+        record["exit_kl"] = exit_loss.item()
+    run.backward(loss)
+    return {"loss": loss.item(), "logit_kl": logit_loss.item(), **record}
+
+
+def finetune_step(run: StepContext, ids: torch.Tensor) -> dict:
+    loss = run.model(input_ids=ids, labels=ids, use_cache=False).loss
+    run.backward(loss)
+    return {"loss": loss.item()}
+
+
+STEPS = {"align": align_step, "kd": kd_step, "finetune": finetune_step}
+
+
+# --------------------------------------------------------------------------------------------------- helpers
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -139,215 +273,357 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def average_gradients(params: list[torch.nn.Parameter], num_processes: int) -> None:
+    """Give every parameter a gradient (zeros where none flowed) and average them over the processes."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if num_processes == 1:
+        return
+    flat = torch.cat([p.grad.flatten() for p in params])
+    torch.distributed.all_reduce(flat)
+    flat /= num_processes
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def process_rows(ids: torch.Tensor, index: int, count: int) -> torch.Tensor:
+    """This process's share of a global batch (contiguous rows)."""
+    share = ids.shape[0] // count
+    return ids[index * share : (index + 1) * share]
 
 
-def checkpoints(run: Path) -> list[Path]:
-    """The run's complete checkpoints, oldest first (partial ones are hidden temp folders, never listed)."""
-    folder = run / "checkpoints"
+class Progress:
+    """Where a stage stands; saved with the accelerate state so a resume continues at the same data position."""
+
+    def __init__(self, stream: PackedTokenStream):
+        self.stream, self.step, self.tokens = stream, 0, 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "data": self.stream.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.stream.load_state_dict(state["data"])
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """A stage's complete checkpoints, oldest first (partial ones are hidden temp folders, never listed)."""
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
     return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
 
 
-def align_step(
-    teacher: LT2ForCausalLM,
-    student: LT2ForCausalLM,
-    converted: list[int],
-    ids: torch.Tensor,
-    normalize: bool,
-    backward,
-) -> dict[int, float]:
-    """Run the teacher once; for every (converted layer, loop step) backpropagate that call's align loss
-    (scaled so the gradients are those of the mean over calls). Returns each layer's loss, averaged over steps."""
-    steps = teacher.config.total_ut_steps
-    calls = len(converted) * steps
-    per_layer: dict[int, float] = defaultdict(float)
-
-    def on_call(index, step, module, x, ctx, output):
-        if index not in converted:
-            return
-        with torch.enable_grad():
-            loss = align_loss(student.model.layers[index].self_attn(x, ctx, None), output, normalize)
-            backward(loss / calls)
-        per_layer[index] += loss.item() / steps
-
-    capture_mixer_calls(teacher, ids, on_call)
-    return dict(per_layer)
+def stage_key(index: int, stage: Stage) -> str:
+    return f"{index}-{stage.name}"
 
 
-def save_checkpoint(run: Path, step: int, tokens: int, student, converted, optimizer, scheduler, stream, keep: int):
-    target = run / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}"
-    prefixes = mixer_prefixes(converted)
-    weights = {n: t.detach().cpu().contiguous() for n, t in student.state_dict().items() if n.startswith(prefixes)}
-    with atomic_directory(target, overwrite=True) as staging:
-        save_file(weights, str(staging / "mixers.safetensors"), metadata={"format": "pt"})
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rng_state(),
-                "data": stream.state_dict(),
-                "step": step,
-                "tokens": tokens,
-            },
-            staging / "trainer_state.pt",
-        )
-        shutil.copyfile(run / "metrics.jsonl", staging / "metrics.jsonl")
-        write_json(staging / "state.json", {"step": step, "tokens": tokens, "data": stream.state_dict()})
-    for old in checkpoints(run)[:-keep]:
-        shutil.rmtree(old)
-    return target
-
-
-def load_checkpoint(run: Path, checkpoint: Path, student, converted, optimizer, scheduler, stream) -> tuple[int, int]:
-    """Restore everything a checkpoint holds; returns (step, tokens seen)."""
-    weights = load_file(str(checkpoint / "mixers.safetensors"))
-    params = student.state_dict()
-    expected = {n for n in params if n.startswith(mixer_prefixes(converted))}
-    if set(weights) != expected:
-        raise ValueError(f"{checkpoint}: its mixer weights do not match the student's converted layers")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
-    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)  # our own file: includes RNG states
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    stream.load_state_dict(state["data"])
-    set_rng_state(state["rng"])
-    shutil.copyfile(checkpoint / "metrics.jsonl", run / "metrics.jsonl")
-    return state["step"], state["tokens"]
+def write_student(student: LT2ForCausalLM, student_folder: Path, folder: Path, dtype: torch.dtype) -> None:
+    """The whole student as a checkpoint in `folder`: its weights (in `dtype`) plus every other file of the
+    student's own folder (config, tokenizer, remote code, provenance) copied as is."""
+    writer = ShardedWriter(folder)
+    for name, tensor in student.state_dict().items():
+        if name == "lm_head.weight" and student.config.tie_word_embeddings:
+            continue
+        writer.add(name, tensor.detach().to(dtype))
+    writer.finish()
+    for item in student_folder.iterdir():
+        if item.is_file() and item.suffix != ".safetensors" and item.name != INDEX_FILE:
+            shutil.copy2(item, folder / item.name)
 
 
 def export_student(student: LT2ForCausalLM, student_folder: Path, out: Path, dtype: torch.dtype) -> Path:
-    """The whole student as a checkpoint folder: its weights (in `dtype`) plus every other file of the student's
-    own folder (config, tokenizer, remote code, provenance) copied as is."""
     with atomic_directory(out, overwrite=True) as staging:
-        writer = ShardedWriter(staging)
-        for name, tensor in student.state_dict().items():
-            if name == "lm_head.weight" and student.config.tie_word_embeddings:
-                continue
-            writer.add(name, tensor.to(dtype))
-        writer.finish()
-        for item in student_folder.iterdir():
-            if item.is_file() and item.suffix != ".safetensors" and item.name != INDEX_FILE:
-                shutil.copy2(item, staging / item.name)
+        write_student(student, student_folder, staging, dtype)
     return out
 
 
-def prepare_run(run: Path, config: AlignConfig, resume: bool) -> Path | None:
-    """Check the run folder against `resume`; returns the checkpoint to resume from, if any."""
-    settings_file = run / "align_config.json"
-    found = checkpoints(run)
-    if not resume:
-        if settings_file.exists() or found:
-            raise FileExistsError(f"{run}: already holds an align run; pass resume=True to continue it")
-        run.mkdir(parents=True, exist_ok=True)
-        write_json(settings_file, config.settings())
-        return None
+def check_run_folder(run: Path, config: DistillConfig, resume: bool) -> bool:
+    """Check the run folder against `resume` without touching it; True when it is new and must be created."""
+    settings_file = run / "run.json"
     if settings_file.exists():
+        if not resume:
+            raise FileExistsError(f"{run}: already holds a distill run; pass --resume to continue it")
         saved = json.loads(settings_file.read_text())
-        changed = sorted(k for k in set(saved) | set(config.settings()) if saved.get(k) != config.settings().get(k))
+        mine = json.loads(json.dumps(config.settings()))
+        changed = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         if changed:
-            raise ValueError(f"{run}: cannot resume with different settings ({', '.join(changed)})")
-    else:
-        run.mkdir(parents=True, exist_ok=True)
-        write_json(settings_file, config.settings())
-    return found[-1] if found else None
+            raise ValueError(f"{run}: cannot resume a run with different settings ({', '.join(changed)})")
+        return False
+    if run.exists() and any(run.iterdir()):
+        raise FileExistsError(f"{run}: exists and is not a distill run folder; choose another output folder")
+    return True
 
 
-def train_align(config: AlignConfig, resume: bool = False) -> AlignResult:
-    """Run (or, with resume=True, continue from its last checkpoint) the align stage; export the student."""
-    from accelerate import Accelerator
+def read_run_settings(run: Path) -> dict:
+    settings_file = Path(run) / "run.json"
+    if not settings_file.is_file():
+        raise FileNotFoundError(f"{run}: no run.json; not a distill run folder")
+    return json.loads(settings_file.read_text())
 
-    total_steps = config.steps
+
+def config_from_run(run: Path) -> DistillConfig:
+    """The configuration a run folder was started with (for `distill --resume RUN`)."""
+    values = read_run_settings(run)
+    values["stages"] = [stage_from_settings(s) for s in values["stages"]]
+    return DistillConfig(**values)
+
+
+# ----------------------------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    def __init__(self, config: DistillConfig):
+        from accelerate import PartialState
+
+        self.config = config
+        self.run = Path(config.out)
+        self.state = PartialState(cpu=not torch.cuda.is_available())
+        self.student_folder = resolve_checkpoint(config.student).folder
+        student_config, _ = load_config(config.student)
+        self.export_dtype = resolve_dtype(None, student_config)
+        self.device = self.state.device
+        self.teacher = load_model(config.teacher, dtype="float32").to(config.teacher_device or self.device)
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        check_pair(self.teacher.config, student_config)
+        self.converted = converted_layers(self.teacher.config, student_config)
+        self.ids = self.load_data()
+        self.board = tensorboard_writer(self.run) if self.state.is_main_process else None
+
+    def load_data(self) -> torch.Tensor:
+        from lt2convert.io.assets import cache_dir
+
+        if self.config.tokenizer == "bytes":
+            encode, eos_id, fingerprint = byte_encode, None, "bytes"
+        else:
+            from transformers import AutoTokenizer
+
+            from lt2convert.distill.data import check_same_tokenizer, tokenizer_fingerprint
+
+            tokenizer = AutoTokenizer.from_pretrained(self.student_folder)
+            teacher_folder = resolve_checkpoint(self.config.teacher).folder
+            if (teacher_folder / "tokenizer_config.json").is_file():
+                teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_folder)
+                check_same_tokenizer(teacher_tokenizer, tokenizer, self.config.teacher, self.config.student)
+            encode, eos_id, fingerprint = hf_encode(tokenizer), tokenizer.eos_token_id, tokenizer_fingerprint(tokenizer)
+        streaming = any(source.startswith("hf:") for source in self.config.data)
+        budget = sum(stage.tokens for stage in self.config.stages) if streaming else None
+        tokens_dir = Path(os.environ.get("LT2CONVERT_TOKEN_CACHE") or cache_dir() / "tokens")
+        with self.state.main_process_first():  # the main process tokenises; the others read its cache
+            return load_token_ids(
+                self.config.data, encode, eos_id, cache_dir=tokens_dir, max_tokens=budget,
+                text_field=self.config.text_field, fingerprint=fingerprint,
+            )
+
+    def train(self) -> DistillResult:
+        outputs, losses = [], {}
+        source = self.student_folder
+        for index, stage in enumerate(self.config.stages):
+            done = self.run / "stages" / stage_key(index, stage)
+            if not done.is_dir():
+                losses[stage.name] = self.train_stage(index, stage, source, done)
+            else:
+                losses[stage.name] = None
+            outputs.append(done)
+            source = done
+        final = self.run / "final"
+        if self.state.is_main_process:
+            student = load_model(source, dtype="float32")
+            export_student(student, self.student_folder, final, self.export_dtype)
+        self.state.wait_for_everyone()
+        tokens = sum(stage.steps * stage.tokens_per_step for stage in self.config.stages)
+        return DistillResult(final=final, stages=outputs, tokens=tokens, losses=losses)
+
+    def train_stage(self, index: int, stage: Stage, source: Path, done: Path) -> float | None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedType, set_seed
+
+        use_bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            step_scheduler_with_optimizer=False,
+            mixed_precision="bf16" if use_bf16 else "no",
+        )
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise RuntimeError(
+                "distill averages gradients over processes itself (data parallel); FSDP and DeepSpeed sharding are "
+                "not supported yet: launch with plain multi-GPU or multi-CPU processes"
+            )
+        if stage.batch_size % accelerator.num_processes:
+            raise ValueError(
+                f"stage {stage.name}: batch_size {stage.batch_size} does not split over "
+                f"{accelerator.num_processes} processes"
+            )
+        set_seed(self.config.seed + index)
+        student = load_model(source, dtype="float32").to(self.device)
+        if self.config.gradient_checkpointing and stage.kind != "align":
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model, named = make_trainable(student, stage, self.converted)
+        model.train()
+        params = list(named.values())
+        stream = PackedTokenStream(self.ids, stage.seq_len, seed=self.config.seed + index)
+        progress = Progress(stream)
+        optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, stage.steps, stage.warmup_steps, stage.min_lr_ratio)
+        )
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+        accelerator.register_for_checkpointing(progress)
+
+        folder = self.run / "checkpoints" / stage_key(index, stage)
+        found = checkpoints(folder)
+        metrics = self.run / "metrics.jsonl"
+        if found:
+            accelerator.load_state(str(found[-1]))
+            restore_trainable(found[-1] / TRAINABLE_FILE, named)
+            if accelerator.is_main_process:
+                shutil.copyfile(found[-1] / "metrics.jsonl", metrics)
+        elif accelerator.is_main_process:
+            previous = self.run / "stages" / stage_key(index - 1, self.config.stages[index - 1]) if index else None
+            # Lines written after the last checkpoint (or stage) by a killed run are void.
+            if previous is not None:
+                shutil.copyfile(previous / "metrics.jsonl", metrics)
+            else:
+                metrics.write_text("")
+        accelerator.wait_for_everyone()
+
+        run = StepContext(
+            self.teacher, model, self.converted, stage, accelerator.backward, self.device, accelerator.num_processes
+        )
+        every = max(1, round(self.config.checkpoint_tokens / stage.tokens_per_step))
+        bar = self.progress_bar(index, stage, progress.tokens, accelerator.is_main_process)
+        last_good, loss = (found[-1] if found else None), None
+        stage_started = time.perf_counter()
+        while progress.step < stage.steps:
+            started = time.perf_counter()
+            ids, positions = stream.next_batch(stage.batch_size)
+            lr = optimizer.param_groups[0]["lr"]
+            rows = process_rows(ids, accelerator.process_index, accelerator.num_processes).to(self.device)
+            with accelerator.autocast():
+                record = STEPS[stage.kind](run, rows)
+            average_gradients(params, accelerator.num_processes)
+            loss = float(accelerator.reduce(torch.tensor(record["loss"], device=self.device), "mean"))
+            grad_norm = float(accelerator.clip_grad_norm_(params, stage.grad_clip))
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written"
+                raise TrainingDiverged(
+                    f"{stage.name} step {progress.step + 1}: loss {loss}, gradient norm {grad_norm} (not finite); "
+                    f"stopped without updating the weights; {where}"
+                )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+            progress.tokens += ids.numel()
+            seconds = time.perf_counter() - started
+            record.update(
+                stage=stage.name, step=progress.step, tokens=progress.tokens, loss=loss, lr=lr, grad_norm=grad_norm,
+                tokens_per_s=ids.numel() / seconds, windows=positions,
+                elapsed=time.perf_counter() - stage_started,  # seconds since this process started the stage
+            )
+            if accelerator.is_main_process:
+                with metrics.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                self.log_scalars(stage.name, record)
+            bar.update(ids.numel())
+            bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+            if progress.step % every == 0 or progress.step == stage.steps:
+                last_good = save_checkpoint(accelerator, folder, progress.step, named, metrics, self.config)
+        bar.close()
+        self.finish_stage(accelerator, model, student, done, metrics)
+        return loss
+
+    def log_scalars(self, stage: str, record: dict) -> None:
+        """Mirror the numeric metrics to TensorBoard (run/tensorboard) when it is installed."""
+        if self.board is None:
+            return
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "logit_kl", "exit_kl"):
+            if key in record:
+                self.board.add_scalar(f"{stage}/{key}", record[key], record["tokens"])
+
+    def progress_bar(self, index: int, stage: Stage, done: int, is_main: bool):
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=stage.steps * stage.tokens_per_step, initial=done, unit="tok", unit_scale=True,
+            desc=f"stage {index + 1}/{len(self.config.stages)} {stage.name}",
+            disable=not (is_main and self.config.progress), dynamic_ncols=True,
+        )
+
+    def finish_stage(self, accelerator, model, student: LT2ForCausalLM, done: Path, metrics: Path) -> None:
+        """Merge LoRA adapters into the weights, and write the student (fp32) as the stage's output."""
+        if model is not student:
+            check_ids = self.ids[: min(64, len(self.ids))].view(1, -1).long().to(self.device)
+            with torch.no_grad():
+                adapted = model(input_ids=check_ids, use_cache=False).logits
+                student = model.merge_and_unload()
+                merged = student(input_ids=check_ids, use_cache=False).logits
+            if not torch.allclose(adapted, merged, rtol=1e-4, atol=1e-4):
+                raise RuntimeError(
+                    f"merging the LoRA adapters changed the logits (max |diff| {(adapted - merged).abs().max():.3g})"
+                )
+        if accelerator.is_main_process:
+            with atomic_directory(done, overwrite=True) as staging:
+                write_student(student, self.student_folder, staging, torch.float32)
+                shutil.copyfile(metrics, staging / "metrics.jsonl")
+        accelerator.wait_for_everyone()
+
+
+def tensorboard_writer(run: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional; metrics.jsonl has everything
+        return None
+    return SummaryWriter(str(run / "tensorboard"))
+
+
+def restore_trainable(path: Path, named: dict[str, torch.nn.Parameter]) -> None:
+    weights = load_file(str(path))
+    if set(weights) != set(named):
+        raise ValueError(f"{path}: its parameters do not match this stage's trainable set")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            named[name].copy_(tensor)
+
+
+def save_checkpoint(accelerator, folder: Path, step: int, named: dict, metrics: Path, config: DistillConfig) -> Path:
+    """Every process writes its part (accelerate's state: its RNG) into one staging folder, which the main process
+    completes and renames into place, so a checkpoint folder either is complete or does not exist."""
+    target = folder / f"{CHECKPOINT_PREFIX}{step:08d}"
+    staging = folder / f".{target.name}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    if accelerator.is_main_process:
+        weights = {name: p.detach().cpu().contiguous() for name, p in named.items()}
+        save_file(weights, str(staging / TRAINABLE_FILE), metadata={"format": "pt"})
+        shutil.copyfile(metrics, staging / "metrics.jsonl")
+        if target.exists():  # the same step reached again after resuming from an earlier checkpoint
+            shutil.rmtree(target)
+        os.replace(staging, target)
+        for old in checkpoints(folder)[: -config.keep_checkpoints]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return target
+
+
+def distill(config: DistillConfig, resume: bool = False) -> DistillResult:
+    """Run every stage (with resume=True, continue a run folder from its last checkpoint) and export the student."""
+    from accelerate import PartialState
+
+    # Without a GPU, processes launched together (accelerate launch --multi_gpu) form a gloo (CPU) group.
+    state = PartialState(cpu=not torch.cuda.is_available())
     run = Path(config.out)
-    last = prepare_run(run, config, resume)
-    accelerator = Accelerator()
-    if accelerator.num_processes > 1:
-        raise RuntimeError("the align stage runs in a single process for now")
-    device = accelerator.device
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
-
-    student_config, _ = load_config(config.student)
-    export_dtype = resolve_dtype(None, student_config)
-    student_folder = resolve_checkpoint(config.student).folder
-    teacher = load_model(config.teacher, dtype="float32").to(device)
-    teacher.requires_grad_(False)
-    student = load_model(config.student, dtype="float32").to(device)
-    converted = converted_layers(teacher.config, student.config)
-    params = freeze_all_but_mixers(student, converted)
-
-    if config.tokenizer == "bytes":
-        encode, eos_id = byte_encode, None
-    else:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(student_folder)
-        encode, eos_id = hf_encode(tokenizer), tokenizer.eos_token_id
-    stream = PackedTokenStream(config.data, encode, config.seq_len, config.seed, eos_id)
-
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, config.warmup_steps, config.min_lr_ratio)
-    )
-    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
-
-    step, tokens = 0, 0
-    if last is not None:
-        step, tokens = load_checkpoint(run, last, student, converted, optimizer, scheduler, stream)
-    else:
-        (run / "metrics.jsonl").write_text("")  # lines from a run killed before its first checkpoint are void
-    last_good = last
-    loss = None
-    while step < total_steps:
-        started = time.perf_counter()
-        ids, positions = stream.next_batch(config.batch_size)
-        lr = optimizer.param_groups[0]["lr"]
-        per_layer = align_step(teacher, student, converted, ids.to(device), config.normalize_loss, accelerator.backward)
-        loss = sum(per_layer.values()) / len(per_layer)
-        grad_norm = float(accelerator.clip_grad_norm_(params, config.grad_clip))
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written"
-            raise TrainingDiverged(
-                f"align step {step + 1}: loss {loss}, gradient norm {grad_norm} (not finite); stopped without "
-                f"updating the weights; {where}"
-            )
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens += ids.numel()
-        record = {
-            "step": step,
-            "tokens": tokens,
-            "loss": loss,
-            "layer_loss": {str(i): v for i, v in sorted(per_layer.items())},
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens_per_s": ids.numel() / (time.perf_counter() - started),
-            "windows": positions,
-        }
-        with (run / "metrics.jsonl").open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if step % config.checkpoint_every == 0 or step == total_steps:
-            last_good = save_checkpoint(
-                run, step, tokens, student, converted, optimizer, scheduler, stream, config.keep_checkpoints
-            )
-    final = export_student(student, student_folder, run / "final", export_dtype)
-    return AlignResult(final=final, steps=step, tokens=tokens, loss=loss)
+    create = check_run_folder(run, config, resume)  # every process checks before any writes
+    state.wait_for_everyone()
+    if create and state.is_main_process:
+        run.mkdir(parents=True, exist_ok=True)
+        write_json(run / "run.json", config.settings())
+    state.wait_for_everyone()
+    return Trainer(config).train()

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_lt2 import LT2Config, OuroConfig
@@ -526,8 +527,9 @@ class LT2MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class LT2DecoderLayer(nn.Module):
-    """Pre-norm residual block; with `sandwich_norm` (Ouro) the mixer and MLP outputs are normed again."""
+class LT2DecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm residual block; with `sandwich_norm` (Ouro) the mixer and MLP outputs are normed again.
+    Training without a cache may recompute it in backward (`gradient_checkpointing_enable()`)."""
 
     def __init__(self, config: LT2Config, layer_idx: int):
         super().__init__()
@@ -615,7 +617,7 @@ class LT2PreTrainedModel(PreTrainedModel):
     config_class = LT2Config
     config: LT2Config
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["LT2DecoderLayer"]
     _supports_sdpa = True
 
