@@ -460,6 +460,51 @@ def default_corpus() -> str:
     return str(fetch_asset("shakespeare") / "train.txt")
 
 
+PIPELINE_EXAMPLES = """
+\b
+Examples:
+  lt2convert pipeline                                    # the CPU demo: SmolLM2-135M, minutes on 2 cores
+  lt2convert pipeline ouro-1.4b --tokens 1B -o runs/ouro # the real job (GPU, hub access)
+  lt2convert pipeline ./ckpt --recipe my-recipe.yaml --data corpus.jsonl --limit recall:20 --contexts 1k,8k
+  lt2convert pipeline --fresh                            # start over instead of continuing runs/smollm2-135m
+"""
+
+
+@main.command("pipeline", epilog=PIPELINE_EXAMPLES)
+@click.argument("source", required=False, default="smollm2-135m")
+@click.option("--recipe", help="Recipe (plan: and stages:). Default: smollm2-135m-demo for smollm2-135m, "
+              "otherwise ouro-1.4b-full-gdn.")
+@click.option("--tokens", help="Total distillation tokens, e.g. 200k, 1B; stage budgets keep the recipe's ratios.")
+@click.option("--data", multiple=True, help="Training text as for `distill --data`; repeatable "
+              "(default: the Shakespeare training split).")
+@click.option("--suites", default="recall,local", show_default=True, help="Eval suites for teacher and student.")
+@click.option("--limit", default="default", show_default=True,
+              help="Documents per task: N, or SUITE:N,... ('default': recall:3 on a CPU, every document on a GPU; "
+              "'none': every document).")
+@click.option("--contexts", help="Bench contexts (default: 1k,4k on a CPU, 1k,8k,32k on a GPU).")
+@click.option("--baselines", help="Report baselines (default: ouro-paper for Ouro sources, otherwise none).")
+@click.option("--fresh", is_flag=True, help="Delete the output folder's earlier pipeline run first.")
+@click.option("--no-progress", is_flag=True, help="No distillation progress bars.")
+@click.option("-o", "--output", type=click.Path(file_okay=False), help="Output folder (default: runs/<source name>).")
+@fail_cleanly
+def pipeline_command(source, recipe, tokens, data, suites, limit, contexts, baselines, fresh, no_progress,
+                     output) -> None:
+    """Plan, convert, distill, evaluate, bench and report SOURCE in one go; a re-run skips finished steps."""
+    from lt2convert.pipeline import pipeline
+
+    result = pipeline(
+        source, output, recipe=recipe, tokens=tokens, data=list(data), suites=suites,
+        limit=None if limit == "none" else limit, contexts=contexts, baselines=baselines, fresh=fresh,
+        progress=not no_progress, log=click.echo,
+    )
+    click.echo("")
+    click.echo(result.summary.rstrip())
+    click.echo("")
+    timings = ", ".join(f"{step} {s:.0f} s" for step, s in result.seconds.items() if step != "total")
+    click.echo(f"steps: {timings}; total {result.seconds['total']:.0f} s")
+    click.echo(f"report: {result.report / 'index.html'}")
+
+
 @main.command("fetch-asset")
 @click.argument("name", type=click.Choice(["smollm2-135m", "shakespeare"]))
 @click.option("--force", is_flag=True, help="Rebuild even if the asset is already cached.")

@@ -1,0 +1,411 @@
+"""`pipeline`: the whole job in one call — plan, convert, distill, evaluate teacher and student, bench, report.
+
+Every step is one existing library call, and every step's output is written atomically by that call, so a step is
+finished exactly when its output exists. Re-running on the same output folder skips the finished steps and
+continues the distill run from its last checkpoint; `fresh=True` starts over.
+
+Output folder:
+    pipeline.json        the settings; a re-run must use the same ones (or start fresh)
+    plan.yaml            `plan(source, recipe=...)`
+    hybrid/              `convert(source, plan.yaml, hybrid/)`
+    distill/             the distill run folder (`distill/final/` is the distilled student)
+    eval/teacher/        `evaluate(source, suite=...)`: results_<suite>.json per suite
+    eval/student/        the same for distill/final
+    bench.json           `bench([source, distill/final])`: speed and cache, ratios to the teacher
+    report/              `report(eval dirs, bench=[bench.json])`: leaderboard.md and index.html
+    summary.md           the teacher-vs-student table printed at the end (primary metrics, speed ratios)
+
+With no source it runs the embedded demo: SmolLM2-135M (`fetch_asset("smollm2-135m")`) with the
+`smollm2-135m-demo` recipe, sized for a few minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_SOURCE = "smollm2-135m"
+DEFAULT_RECIPES = {"smollm2-135m": "smollm2-135m-demo"}
+FALLBACK_RECIPE = "ouro-1.4b-full-gdn"
+DEFAULT_SUITES = ("recall", "local")
+# Documents per task on a CPU: a 1024-token recall document costs the 135M teacher a few seconds on two cores,
+# so the recall suite (6 tasks, up to 1024 tokens) is cut to 3 documents per task; the local suite is cheap
+# (20 short questions per task, 8 held-out Shakespeare slices) and runs whole.
+CPU_LIMITS = {"recall": 3}
+CPU_CONTEXTS = "1k,4k"
+GPU_CONTEXTS = "1k,8k,32k"
+STEPS = ("plan", "convert", "distill", "eval", "bench", "report")
+SETTINGS_FILE = "pipeline.json"
+
+
+class PipelineError(ValueError):
+    """A problem with the pipeline's own inputs or output folder (one line for the CLI)."""
+
+
+@dataclass
+class PipelineResult:
+    output: Path
+    plan: Path
+    hybrid: Path
+    student: Path  # distill/final
+    evals: dict[str, Path]  # "teacher"/"student" -> results folder
+    bench: Path
+    report: Path
+    summary: str  # the Markdown printed at the end (also in summary.md)
+    seconds: dict[str, float] = field(default_factory=dict)  # step -> seconds (0 when skipped)
+    skipped: list[str] = field(default_factory=list)
+
+
+def default_recipe(source: str) -> str:
+    return DEFAULT_RECIPES.get(source, FALLBACK_RECIPE)
+
+
+def source_name(source: str) -> str:
+    """'smollm2-135m' -> itself; './ckpt/' -> 'ckpt'; 'org/name@rev' -> 'name'."""
+    text = str(source).rstrip("/")
+    if not Path(text).exists():
+        text = text.split("@", 1)[0]
+    return Path(text).name or "model"
+
+
+def parse_limits(limit: str | int | float | dict | None, suites: list[str]) -> dict[str, int | float | None]:
+    """Documents per task for each suite: N for every suite, 'recall:3,local:10' per suite, None for all."""
+    if limit is None:
+        return dict.fromkeys(suites)
+    if isinstance(limit, dict):
+        given = dict(limit)
+    elif isinstance(limit, int | float):
+        given = dict.fromkeys(suites, limit)
+    else:
+        given = {}
+        for item in filter(None, (part.strip() for part in str(limit).split(","))):
+            name, sep, value = item.rpartition(":")
+            key = name if sep else None
+            try:
+                number = float(value)
+            except ValueError:
+                raise PipelineError(f"--limit {limit!r}: expected N or SUITE:N[,SUITE:N]") from None
+            if key is None:
+                given |= dict.fromkeys(suites, number)
+            else:
+                given[key] = number
+    unknown = sorted(set(given) - set(suites))
+    if unknown:
+        raise PipelineError(f"--limit: {', '.join(unknown)} is not among the suites ({', '.join(suites)})")
+    limits: dict[str, int | float | None] = {}
+    for suite in suites:
+        value = given.get(suite)
+        if value is not None and value <= 0:
+            raise PipelineError(f"--limit {suite}: must be positive, got {value}")
+        limits[suite] = int(value) if value is not None and value >= 1 else value
+    return limits
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def prepare_output(out: Path, settings: dict, fresh: bool) -> None:
+    """Create the output folder, or check that an existing one holds a pipeline run with the same settings."""
+    record = out / SETTINGS_FILE
+    if out.exists() and not out.is_dir():
+        raise PipelineError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not record.is_file():
+        raise PipelineError(
+            f"{out}: exists and is not a pipeline output folder (no {SETTINGS_FILE}); choose another -o"
+        )
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        if changed:
+            raise PipelineError(
+                f"{out}: holds a pipeline run with other settings ({', '.join(changed)}); pass --fresh to start "
+                "over, or choose another -o"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(record, json.dumps(settings, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The summary printed at the end
+
+
+def primary_metrics(suites: list[str]) -> dict[str, str]:
+    """task -> the metric its suite shows first."""
+    from lt2convert.evaluate import suite_specs
+
+    return {s.task: s.metric.split(",")[0] for suite in suites for s in suite_specs(suite) if s.metric}
+
+
+def leaderboard_table(eval_dirs: dict[str, Path], suites: list[str]) -> list[str]:
+    """The leaderboard's teacher and student rows, transposed (one line per task's primary metric)."""
+    from lt2convert.report import build_leaderboard, fmt, load_runs
+
+    runs = load_runs([str(p) for p in eval_dirs.values()])
+    board = build_leaderboard(runs, None)
+    names = [name for name in eval_dirs if any(m.name == name for m in runs)]
+    primary = primary_metrics(suites)
+    order = {task: i for i, task in enumerate(primary)}  # the suites' own task order
+    chosen = [c for c in board["columns"] if c.key and primary.get(c.key.task, c.key.metric) == c.key.metric]
+    chosen.sort(key=lambda c: order.get(c.key.task, len(order)))
+    lines = [
+        "| task | metric | " + " | ".join(names) + " | student − teacher |",
+        "|---|---|" + "---|" * (len(names) + 1),
+    ]
+    for column in chosen:
+        key = column.key
+        cells = [column.values.get(name) for name in names]
+        teacher, student = column.values.get("teacher"), column.values.get("student")
+        delta = f"{student.value - teacher.value:+.2f}" if teacher and student else ""
+        arrow = "↑" if column.higher_is_better else "↓"
+        lines.append(f"| {key.task} | {key.metric} {arrow} | " + " | ".join(fmt(c) for c in cells) + f" | {delta} |")
+    return lines
+
+
+def speed_table(bench: dict) -> list[str]:
+    """Prefill and decoding speed and cache memory of each benched model, with ratios to the first (the teacher)."""
+    from lt2convert.render import human_bytes
+
+    models = bench["models"]
+    names = [row["name"] for row in models]
+    head = f"Speed on {bench['device_name']} ({bench['dtype']}, batch {bench['batch']}); ratios are to the {names[0]}."
+    lines = [head, "", "| measure | " + " | ".join(names) + f" | {names[-1]} / {names[0]} |",
+             "|---|" + "---|" * (len(names) + 1)]
+
+    def times(value: float | None) -> str:
+        return "" if value is None else f"{value:.2f}×"
+
+    prefill = [row["prefill"] for row in models]
+    lines.append(
+        f"| prefill tokens/s ({bench['prefill_tokens']:,} tokens) | "
+        + " | ".join(f"{p['tokens_per_s']:,.1f}" for p in prefill) + f" | {times(prefill[-1]['ratio'])} |"
+    )
+    for context in bench["contexts"]:
+        figures = [row["decode"][str(context)] for row in models]
+        lines.append(
+            f"| decode tokens/s at {context:,} | " + " | ".join(f"{f['tokens_per_s']:,.2f}" for f in figures)
+            + f" | {times(figures[-1]['ratio'])} |"
+        )
+        lines.append(
+            f"| cache at {context:,} | " + " | ".join(human_bytes(f["cache_bytes"]) for f in figures)
+            + f" | {times(figures[-1]['cache_bytes_ratio'])} |"
+        )
+    return lines
+
+
+def make_summary(source: str, eval_dirs: dict[str, Path], suites: list[str], bench_file: Path, report: Path) -> str:
+    bench = json.loads(bench_file.read_text())
+    lines = [f"# {source}: teacher vs distilled student", "", *leaderboard_table(eval_dirs, suites), "",
+             *speed_table(bench), "", f"Full leaderboard: {report / 'leaderboard.md'}"]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def pipeline(
+    source: str = DEFAULT_SOURCE,
+    output: str | Path | None = None,
+    *,
+    recipe: str | None = None,
+    tokens: int | str | None = None,
+    data: list[str] | None = None,
+    suites: list[str] | tuple[str, ...] = DEFAULT_SUITES,
+    limit: str | int | float | dict | None = "default",
+    contexts: str | None = None,
+    baselines: str | None = None,
+    fresh: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> PipelineResult:
+    """Plan, convert, distill, evaluate (teacher and student), bench and report SOURCE into OUTPUT.
+
+    recipe: default `smollm2-135m-demo` for smollm2-135m, `ouro-1.4b-full-gdn` otherwise (its plan and stages).
+    tokens: rescale the recipe's stage budgets to this total. data: training text (default: the Shakespeare
+    training split). limit: documents per task, N or 'SUITE:N,...' ('default': recall:3 on a CPU, all on a
+    GPU). contexts: bench contexts (default 1k,4k on a CPU, 1k,8k,32k on a GPU). baselines: for the report
+    (default: ouro-paper for Ouro sources, none otherwise). `log` receives one line per step."""
+    from lt2convert.distill.recipe import parse_tokens
+
+    say = log or (lambda _line: None)
+    started = time.perf_counter()
+    on_gpu = cuda_available()
+    recipe = recipe or default_recipe(source)
+    suites = [s.strip() for s in (suites.split(",") if isinstance(suites, str) else suites) if s.strip()]
+    if not suites:
+        raise PipelineError("no eval suite given")
+    from lt2convert.evaluate import suite_names
+
+    unknown = [s for s in suites if s not in suite_names()]
+    if unknown:
+        raise PipelineError(f"unknown suite(s) {', '.join(unknown)} (suites: {', '.join(suite_names())})")
+    limits = parse_limits((None if on_gpu else CPU_LIMITS) if limit == "default" else limit, suites)
+    contexts = contexts or (GPU_CONTEXTS if on_gpu else CPU_CONTEXTS)
+    baselines = baselines or ("ouro-paper" if source_name(source).lower().startswith("ouro") else "none")
+    total_tokens = parse_tokens(tokens, "--tokens") if tokens is not None else None
+    stages = load_pipeline_stages(recipe, total_tokens)  # a bad recipe fails before anything is written
+
+    out = Path(output) if output is not None else Path("runs") / source_name(source)
+    settings = {
+        "source": source, "recipe": recipe, "tokens": total_tokens, "data": list(data or []),
+        "suites": suites, "limits": limits, "contexts": contexts, "baselines": baselines,
+    }
+    prepare_output(out, settings, fresh)
+    plan_file, hybrid, run = out / "plan.yaml", out / "hybrid", out / "distill"
+    student = run / "final"
+    eval_dirs = {"teacher": out / "eval" / "teacher", "student": out / "eval" / "student"}
+    bench_file, report_dir = out / "bench.json", out / "report"
+    seconds: dict[str, float] = {}
+    skipped: list[str] = []
+    redone = False  # an earlier step ran in this call: the report must be rebuilt
+
+    def step(index: int, name: str, target: Path, what: str, finished: bool, action: Callable[[], str | None]):
+        nonlocal redone
+        elapsed = time.perf_counter() - started
+        head = f"[{index}/{len(STEPS)}] {name} (at {elapsed:.0f} s)"
+        if finished:
+            say(f"{head}: skipped, {target} exists")
+            seconds[name] = 0.0
+            skipped.append(name)
+            return
+        say(f"{head}: {what}")
+        begun = time.perf_counter()
+        detail = action()
+        seconds[name] = time.perf_counter() - begun
+        redone = True
+        say(f"    {name} done in {seconds[name]:.1f} s" + (f": {detail}" if detail else ""))
+
+    def do_plan() -> str:
+        from lt2convert.plan import plan
+
+        made = plan(source, recipe=recipe, output=plan_file)
+        counts: dict[str, int] = {}
+        for layer in made["layers"]:
+            counts[layer["mixer"]] = counts.get(layer["mixer"], 0) + 1
+        return ", ".join(f"{mixer} ×{n}" for mixer, n in counts.items())
+
+    def do_convert() -> str:
+        from lt2convert.convert import convert
+
+        return str(convert(source, plan_file, hybrid))
+
+    def do_distill() -> str:
+        from lt2convert.distill import DistillConfig, distill
+
+        config = DistillConfig(
+            teacher=source, student=str(hybrid), data=list(data or []) or [default_corpus()], out=str(run),
+            stages=stages, progress=progress,
+        )
+        result = distill(config, resume=True)
+        losses = ", ".join(f"{k} {v:.4g}" for k, v in result.losses.items() if v is not None)
+        return f"{result.tokens:,} tokens" + (f"; last loss {losses}" if losses else "")
+
+    def do_eval(model: str, folder: Path, suite: str) -> Callable[[], str]:
+        def action() -> str:
+            from lt2convert.evaluate import evaluate
+
+            results = evaluate(
+                model, suite=suite, limit=limits[suite], batch_size=16 if on_gpu else 4, output=folder,
+                device="cuda" if on_gpu else "cpu", dtype=None if on_gpu else "fp32",
+            )
+            rows = [r for r in results["lt2convert"]["rows"] if r["primary"]]
+            return ", ".join(f"{r['task']} {r['value']:.4g}" for r in rows)
+
+        return action
+
+    def do_bench() -> str:
+        from lt2convert.bench import bench
+
+        measured = bench(
+            [source, str(student)], contexts, 1, names=["teacher", "student"], device="cuda" if on_gpu else "cpu",
+            dtype="bf16" if on_gpu else "fp32",
+        )
+        atomic_write_text(bench_file, json.dumps(measured, indent=2) + "\n")
+        longest = str(measured["contexts"][-1])
+        ratio = measured["models"][-1]["decode"][longest]["ratio"]
+        return f"student decodes {ratio:.2f}× the teacher's speed at {int(longest):,} tokens"
+
+    def do_report() -> str:
+        from lt2convert.report import report
+
+        report([str(p) for p in eval_dirs.values()], baselines=baselines, bench=[str(bench_file)], output=report_dir)
+        return str(report_dir / "index.html")
+
+    step(1, "plan", plan_file, f"{source} with recipe {recipe} -> {plan_file}", plan_file.is_file(), do_plan)
+    step(2, "convert", hybrid, f"-> {hybrid}", hybrid.is_dir(), do_convert)
+    resuming = (run / "run.json").is_file()
+    budget = sum(s.tokens for s in stages)
+    step(3, "distill", student,
+         ("resuming " if resuming else "") + f"{len(stages)} stages ({', '.join(s.name for s in stages)}), "
+         f"{budget:,} tokens -> {run}", student.is_dir(), do_distill)
+    eval_jobs = [(who, model, suite) for who, model in (("teacher", source), ("student", str(student)))
+                 for suite in suites]
+    missing = [(w, m, s) for w, m, s in eval_jobs if not (eval_dirs[w] / f"results_{s}.json").is_file()]
+    eval_seconds = 0.0
+    elapsed = time.perf_counter() - started
+    if not missing:
+        say(f"[4/{len(STEPS)}] eval (at {elapsed:.0f} s): skipped, results in {out / 'eval'} exist")
+        skipped.append("eval")
+    else:
+        limit_text = ", ".join(f"{s} {'all' if limits[s] is None else limits[s]}" for s in suites)
+        say(f"[4/{len(STEPS)}] eval (at {elapsed:.0f} s): teacher and student on {', '.join(suites)} "
+            f"(documents per task: {limit_text})")
+        for who, model, suite in eval_jobs:
+            target = eval_dirs[who] / f"results_{suite}.json"
+            if target.is_file():
+                say(f"    {who} {suite}: skipped, {target} exists")
+                continue
+            begun = time.perf_counter()
+            detail = do_eval(model, eval_dirs[who], suite)()
+            took = time.perf_counter() - begun
+            eval_seconds += took
+            say(f"    {who} {suite} done in {took:.1f} s: {detail}")
+        redone = True
+    seconds["eval"] = eval_seconds
+    step(5, "bench", bench_file, f"teacher vs student, contexts {contexts}", bench_file.is_file(), do_bench)
+    step(6, "report", report_dir, f"-> {report_dir}", (report_dir / "index.html").is_file() and not redone, do_report)
+
+    summary = make_summary(source_name(source), eval_dirs, suites, bench_file, report_dir)
+    atomic_write_text(out / "summary.md", summary)
+    seconds["total"] = time.perf_counter() - started
+    return PipelineResult(
+        output=out, plan=plan_file, hybrid=hybrid, student=student, evals=eval_dirs, bench=bench_file,
+        report=report_dir, summary=summary, seconds=seconds, skipped=skipped,
+    )
+
+
+def load_pipeline_stages(recipe: str, total_tokens: int | None):
+    from lt2convert.distill import load_stages, scale_budgets
+
+    stages = load_stages(recipe)
+    return scale_budgets(stages, total_tokens) if total_tokens is not None else stages
+
+
+def default_corpus() -> str:
+    from lt2convert.io.assets import fetch_asset
+
+    return str(fetch_asset("shakespeare") / "train.txt")

@@ -1,0 +1,138 @@
+"""`lt2convert pipeline`: plan → convert → distill → eval → bench → report end to end on a tiny random checkpoint;
+an interrupted distill resumes where it stopped, and a re-run skips every finished step."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from lt2convert.cli import main
+from lt2convert.distill import train as train_module
+from lt2convert.pipeline import PipelineError, parse_limits, source_name
+from lt2convert.testing import ouro_config, write_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_source(tmp_path_factory, fetched_asset):
+    """A 3-layer, 2-step random Ouro (the `tiny` recipe needs 3 layers) with the real SmolLM2 tokenizer next to it,
+    so lm-eval can run on it; the local suite also needs the Shakespeare asset."""
+    smollm2 = fetched_asset("smollm2-135m")
+    fetched_asset("shakespeare")
+    folder = tmp_path_factory.mktemp("tiny-pipeline")
+    config = ouro_config(
+        vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=16, total_ut_steps=2, max_position_embeddings=2048,
+    )
+    write_checkpoint(folder, config)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2 / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    rng = random.Random(0)
+    words = ["the", "king", "queen", "sword", "crown", "night", "love", "death", "speak", "hath", "thou", "art"]
+    path = tmp_path_factory.mktemp("corpus") / "train.txt"
+    lines = [" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(600)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, ["pipeline", *args])
+
+
+def test_pipeline_end_to_end_resumes_and_skips(tiny_source, corpus, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    # the shipped tiny recipe's stages at a quarter of their budgets (4 + 4 + 2 steps); one recall document per task
+    args = [str(tiny_source), "--recipe", "tiny", "--tokens", "640", "--data", str(corpus), "--limit",
+            "recall:1,local:2", "--contexts", "32,64", "--no-progress", "-o", str(out)]
+
+    # 1. killed in distill: the kd stage (the second) fails; align has finished and is kept
+    def boom(run_context, ids):
+        raise RuntimeError("simulated crash in kd")
+
+    with monkeypatch.context() as patch:
+        patch.setitem(train_module.STEPS, "kd", boom)
+        crashed = run(*args)
+    assert crashed.exit_code == 1, crashed.output
+    assert "Error: simulated crash in kd" in crashed.output and "Traceback" not in crashed.output
+    assert (out / "plan.yaml").is_file() and (out / "hybrid" / "config.json").is_file()
+    align_done = out / "distill" / "stages" / "0-align"
+    assert align_done.is_dir() and not (out / "distill" / "final").exists()
+    align_mtime = align_done.stat().st_mtime_ns
+
+    # 2. the same command continues: plan and convert skipped, distill resumes after align, the rest runs
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert "[1/6] plan" in text and "skipped" in text.split("[2/6]")[0]
+    assert "skipped" in text.split("[2/6]")[1].split("[3/6]")[0]
+    assert "[3/6] distill" in text and "resuming 3 stages" in text
+    assert align_done.stat().st_mtime_ns == align_mtime  # align was not trained again
+    for path in ("plan.yaml", "hybrid/config.json", "distill/final/config.json", "eval/teacher/results_recall.json",
+                 "eval/teacher/results_local.json", "eval/student/results_recall.json",
+                 "eval/student/results_local.json", "bench.json", "report/leaderboard.md", "report/index.html",
+                 "summary.md", "pipeline.json"):
+        assert (out / path).is_file(), path
+    stages = [json.loads(line)["stage"] for line in (out / "distill" / "metrics.jsonl").read_text().splitlines()]
+    assert {"align", "kd", "finetune"} <= set(stages)
+
+    leaderboard = (out / "report" / "leaderboard.md").read_text()
+    assert "| teacher | run |" in leaderboard and "| student | run |" in leaderboard
+    assert "recall_mqar_16" in leaderboard and "local_shakespeare_ppl" in leaderboard
+    bench = json.loads((out / "bench.json").read_text())
+    assert [m["name"] for m in bench["models"]] == ["teacher", "student"] and bench["contexts"] == [32, 64]
+    ratio = bench["models"][1]["decode"]["64"]["ratio"]
+    # the printed summary: both models' rows, the speed ratios to the teacher, and the report's path last
+    assert "| recall_passkey_1024 | acc ↑ |" in text and "| local_shakespeare_ppl | word_perplexity ↓ |" in text
+    assert "| measure | teacher | student | student / teacher |" in text
+    assert f"| {ratio:.2f}× |" in text
+    assert text.rstrip().splitlines()[-1] == f"report: {out / 'report' / 'index.html'}"
+    assert (out / "summary.md").read_text().strip() in text
+
+    # 3. again: every step is skipped, nothing is rewritten
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "bench.json", out / "report" / "index.html")}
+    again = run(*args)
+    assert again.exit_code == 0, again.output
+    for step in ("[1/6] plan", "[2/6] convert", "[3/6] distill", "[4/6] eval", "[5/6] bench", "[6/6] report"):
+        line = next(line for line in again.output.splitlines() if line.startswith(step))
+        assert "skipped" in line, line
+    assert all(p.stat().st_mtime_ns == stamp for p, stamp in stamps.items())
+    assert again.output.rstrip().splitlines()[-1] == f"report: {out / 'report' / 'index.html'}"
+
+    # other settings on the same folder are refused in one line; --fresh would start over
+    changed = run(*args[:-2], "--limit", "2", "-o", str(out))
+    assert changed.exit_code == 1 and "other settings (limits)" in changed.output and "--fresh" in changed.output
+
+
+def test_pipeline_refuses_a_foreign_folder_and_bad_options(tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    result = run("--limit", "2", "--fresh", "-o", str(foreign))
+    assert result.exit_code == 1 and "not a pipeline output folder" in result.output
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    result = run("--suites", "recall,nope", "-o", str(tmp_path / "x"))
+    assert result.exit_code == 1 and "unknown suite(s) nope" in result.output
+    assert not (tmp_path / "x").exists()
+    result = run("--recipe", "lt2-linear", "-o", str(tmp_path / "y"))
+    assert result.exit_code == 1 and "no stages: section" in result.output
+    assert not (tmp_path / "y").exists()
+
+
+def test_limits_and_names():
+    assert parse_limits("recall:3", ["recall", "local"]) == {"recall": 3, "local": None}
+    assert parse_limits("5,local:0.5", ["recall", "local"]) == {"recall": 5, "local": 0.5}
+    assert parse_limits(None, ["recall"]) == {"recall": None}
+    with pytest.raises(PipelineError, match="not among the suites"):
+        parse_limits("zero-shot:3", ["recall"])
+    with pytest.raises(PipelineError, match="expected N or SUITE:N"):
+        parse_limits("recall:x", ["recall"])
+    assert source_name("smollm2-135m") == "smollm2-135m"
+    assert source_name("ByteDance/Ouro-1.4B@main") == "Ouro-1.4B"
