@@ -59,6 +59,17 @@ TINY_LLAMA = {
 }
 
 
+# The smallest shape the training tests use: 2 heads of 16, 2 loop steps (give num_hidden_layers per test).
+SMALL_OURO_SHAPE = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "total_ut_steps": 2,
+}
+
+
 def ouro_config(**overrides) -> dict:
     """A tiny Ouro config.json; e.g. `ouro_config(num_key_value_heads=2)` for GQA."""
     return {**TINY_OURO, **overrides}

@@ -29,11 +29,9 @@ from lt2convert.distill.train import DistillConfig, TrainingDiverged, checkpoint
 from lt2convert.io.checkpoint import LazyCheckpoint
 from lt2convert.loading import derive_config, load_config
 from lt2convert.plan import PlanError
-from lt2convert.testing import ouro_config, write_checkpoint
+from lt2convert.testing import SMALL_OURO_SHAPE, ouro_config, write_checkpoint
 
-SHAPE = dict(
-    hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2, head_dim=16, total_ut_steps=2
-)
+SHAPE = SMALL_OURO_SHAPE
 TINY = ouro_config(num_hidden_layers=2, **SHAPE)
 BATCH, SEQ = 2, 16
 ALIGN = Stage(name="align", kind="align", tokens=20 * BATCH * SEQ, seq_len=SEQ, batch_size=BATCH, lr=1e-2, warmup=0.1)

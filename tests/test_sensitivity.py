@@ -9,11 +9,9 @@ from lt2convert.cli import main
 from lt2convert.convert import InitOptions, convert
 from lt2convert.plan import read_plan, resolve_spec
 from lt2convert.sensitivity import keep_most_sensitive, layer_scores, sensitivity_plan
-from lt2convert.testing import ouro_config, write_checkpoint
+from lt2convert.testing import SMALL_OURO_SHAPE, ouro_config, write_checkpoint
 
-SHAPE = dict(
-    hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2, head_dim=16, total_ut_steps=2
-)
+SHAPE = SMALL_OURO_SHAPE
 
 
 def test_swapping_in_an_identical_layer_costs_nothing(tmp_path):
