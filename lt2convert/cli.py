@@ -117,6 +117,9 @@ def context_length(text: str) -> int:
 @click.option("--align-tokens", default="64k", show_default=True, help="sensitivity: the short align's budget.")
 @click.option("--tokenizer", type=click.Choice(["student", "bytes"]), default="student", show_default=True,
               help="sensitivity: the source's tokenizer, or UTF-8 bytes as ids.")
+@click.option("--keep-retrieval", type=int, default=0, show_default=True,
+              help="sensitivity: first keep full the N layers whose heads copy most from context on synthetic "
+              "passkey/key-value prompts (in-context recall needs them), then rank the rest by KL.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the plan to this YAML file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan and its costs as JSON.")
 @click.option(
@@ -155,6 +158,7 @@ def plan(
     data,
     align_tokens,
     tokenizer,
+    keep_retrieval: int,
     output,
     as_json: bool,
     device: str,
@@ -175,7 +179,10 @@ def plan(
             "data": list(data) or [default_corpus()],
             "tokens": parse_tokens(align_tokens, "--align-tokens"),
             "tokenizer": tokenizer,
+            "keep_retrieval": keep_retrieval,
         }
+    elif keep_retrieval:
+        raise click.UsageError("--keep-retrieval needs --strategy sensitivity")
     report = make_plan(
         source,
         sensitivity=sensitivity,

@@ -97,6 +97,9 @@ def print_plan(report: dict) -> None:
     if strategy.get("scores"):
         console.print("sensitivity (KL when this layer alone is swapped): "
                       + " ".join(f"{i}:{score:.3g}" for i, score in enumerate(strategy["scores"])))
+    if strategy["params"].get("retrieval_layers"):
+        console.print(f"kept for recall first: layers {strategy['params']['retrieval_layers']} (copy attention: "
+                      + " ".join(f"{i}:{x:.2f}" for i, x in enumerate(strategy["params"]["retrieval_scores"])) + ")")
     counts = cost["plan"]["mixer_layers"]
     converted = len(report["layers"]) - counts.get("full_attention", 0)
     console.print(f"{converted} of {len(report['layers'])} layers converted: "

@@ -52,11 +52,36 @@ def layer_scores(teacher_path: str, student_path: str, ids: torch.Tensor) -> lis
     return [swap_kl(teacher, student, i, ids, teacher_logp) for i in range(teacher.config.num_hidden_layers)]
 
 
-def keep_most_sensitive(scores: list[float], keep: int, mixer: str) -> dict[int, str]:
-    """Explicit layer assignments: the `keep` highest-scoring layers stay full attention."""
-    ranked = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
-    kept = set(ranked[:keep])
+def ranked(scores: list[float]) -> list[int]:
+    """Layer indices from the highest score down (ties: lower index first)."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+
+
+def keep_most_sensitive(scores: list[float], keep: int, mixer: str, reserved: tuple[int, ...] = ()) -> dict[int, str]:
+    """Explicit layer assignments: the `reserved` layers and then the highest-scoring others, `keep` in all,
+    stay full attention."""
+    kept = set(reserved)
+    kept.update([i for i in ranked(scores) if i not in kept][: max(keep - len(kept), 0)])
     return {i: FULL if i in kept else mixer for i in range(len(scores))}
+
+
+def retrieval_layers(folder: Path, count: int, tokenizer: str) -> tuple[list[int], list[float]]:
+    """The `count` layers of the source with the most copy attention on recall prompts, and every layer's score."""
+    from lt2convert.distill.data import byte_encode
+    from lt2convert.loading import load_model
+    from lt2convert.retrieval import retrieval_scores
+
+    if tokenizer == "student":
+        from transformers import AutoTokenizer
+
+        encoder = AutoTokenizer.from_pretrained(folder)
+
+        def encode(text: str) -> list[int]:
+            return encoder(text, add_special_tokens=False).input_ids
+    else:
+        encode = byte_encode
+    scores = retrieval_scores(load_model(str(folder), dtype="float32"), encode)
+    return ranked(scores)[:count], scores
 
 
 def evaluation_ids(folder: Path, text: str, tokens: int, windows: int, tokenizer: str) -> torch.Tensor:
@@ -80,18 +105,20 @@ def sensitivity_plan(
     tokens: int = 65_536,
     seq_len: int = 256,
     batch_size: int = 4,
-    lr: float = 1e-3,
+    lr: float = 3e-3,
     eval_tokens: int = 512,
     eval_windows: int = 2,
     eval_text: str | None = None,
     seed: int = 0,
     tokenizer: str = "student",
     init=None,
+    keep_retrieval: int = 0,
     work_dir: str | Path | None = None,
     progress: bool = True,
 ) -> Plan:
-    """A plan with the recipe's mix, whose full-attention layers are the most sensitive ones (see module doc)."""
-    from lt2convert.convert import InitOptions, convert
+    """A plan with the recipe's mix, whose full-attention layers are the most sensitive ones (see module doc);
+    with `keep_retrieval` N, the N layers that copy most from context (lt2convert.retrieval) come first."""
+    from lt2convert.convert import convert
     from lt2convert.distill import DistillConfig, Stage, distill
     from lt2convert.io.assets import fetch_asset
     from lt2convert.loading import load_config, resolve_checkpoint
@@ -102,11 +129,11 @@ def sensitivity_plan(
     keep = Counter(base.layer_types)[FULL]
     every_layer = build_plan(source, config, dataclasses.replace(spec, mix={mixer: 1}, placement="interleave",
                                                                  layers=None))
+    if not 0 <= keep_retrieval <= keep:
+        raise PlanError("--keep-retrieval", [f"{keep_retrieval} is not within 0..{keep} (the plan's full layers)"])
     align = Stage(name="align", kind="align", tokens=tokens, seq_len=seq_len, batch_size=batch_size, lr=lr)
     if align.steps < 1:
         raise ValueError(f"--align-tokens {tokens}: less than one align step of {batch_size} x {seq_len} tokens")
-    if init is None and tokenizer == "bytes":  # the calibrated GDN norm init needs the source's tokenizer
-        init = InitOptions(gdn_norm="unit")
     folder = resolve_checkpoint(source).folder
     held_out = eval_text or str(fetch_asset("shakespeare") / "heldout.txt")
     ids = evaluation_ids(folder, held_out, eval_tokens, eval_windows, tokenizer)
@@ -119,11 +146,14 @@ def sensitivity_plan(
             seed=seed, tokenizer=tokenizer, progress=progress,
         ))
         scores = layer_scores(str(folder), str(run.final), ids)
-    assignments = keep_most_sensitive(scores, keep, mixer)
+    reserved, copy_scores = retrieval_layers(folder, keep_retrieval, tokenizer) if keep_retrieval else ([], None)
+    assignments = keep_most_sensitive(scores, keep, mixer, tuple(reserved))
     chosen = build_plan(source, config, dataclasses.replace(spec, placement="explicit", layers=assignments))
     params = {
         "mix": dict(spec.mix), "mixer": mixer, "kept_full": keep, "align_tokens": align.steps * align.tokens_per_step,
         "seq_len": seq_len, "eval_tokens": eval_tokens * eval_windows, "seed": seed,
     }
+    if keep_retrieval:
+        params.update(retrieval_layers=sorted(reserved), retrieval_scores=[round(x, 6) for x in copy_scores])
     strategy = Strategy(name="sensitivity", recipe=spec.recipe, params=params, scores=tuple(scores))
     return dataclasses.replace(chosen, strategy=strategy)

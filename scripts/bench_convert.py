@@ -72,10 +72,9 @@ def main() -> None:
         plan = tmp / "plan.yaml"
         subprocess.run([python, "-m", "lt2convert.cli", "plan", str(source), "--recipe", args.recipe, "-o",
                         str(plan)], check=True, capture_output=True)
-        # Random weights have no tokenizer to calibrate with, so the benchmark uses the uncalibrated inits.
         convert = measured(
             "from lt2convert.cli import main; _begin(); main(sys.argv[1:], standalone_mode=False)",
-            ["convert", str(source), "--plan", str(plan), "-o", str(tmp / "hybrid"), "--init-gdn-norm", "unit"],
+            ["convert", str(source), "--plan", str(plan), "-o", str(tmp / "hybrid")],
         )
         out_size = folder_bytes(tmp / "hybrid")
         shutil.rmtree(tmp / "copy")

@@ -23,7 +23,7 @@ import torch
 
 from lt2convert import load_model
 from lt2convert.calibrate import capture_mixer_calls
-from lt2convert.convert import InitOptions, convert_checkpoint
+from lt2convert.convert import convert_checkpoint
 from lt2convert.distill import DistillConfig, Stage, distill
 from lt2convert.distill.losses import align_loss, kd_loss
 from lt2convert.io.assets import fetch_asset
@@ -87,7 +87,7 @@ def tiny_pair(folder: Path) -> tuple[Path, Path, str]:
     teacher = write_checkpoint(folder / "teacher", config, seed=0)
     source, _ = load_config(teacher)
     target = derive_config(source, {"layer_types": ["gdn", "gdn", "gdn", "full_attention"]})
-    student = convert_checkpoint(teacher, target, folder / "student", init=InitOptions(gdn_norm="unit"))
+    student = convert_checkpoint(teacher, target, folder / "student")
     return teacher, student, "bytes"
 
 

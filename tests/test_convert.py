@@ -226,7 +226,9 @@ def test_calibrated_output_scale_brings_gdn_closer_to_attention(source_dir, tmp_
 
 def test_calibrate_init_without_statistics_is_an_error(source_dir, tmp_path):
     with pytest.raises(ValueError, match="calibration"):
-        convert_checkpoint(source_dir, target(source_dir, ["gdn"] * 3), tmp_path / "out")
+        convert_checkpoint(source_dir, target(source_dir, ["gdn"] * 3), tmp_path / "out",
+                           init=InitOptions(gdn_norm="calibrate"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_plan_then_convert_and_mismatched_plan(tmp_path):

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from lt2convert import load_model
 from lt2convert.calibrate import mixer_output_errors
 from lt2convert.cli import main
-from lt2convert.convert import InitOptions, convert_checkpoint
+from lt2convert.convert import convert_checkpoint
 from lt2convert.distill import train as train_module
 from lt2convert.distill.losses import align_loss, exit_kl_loss, indexer_kl_loss, kd_loss
 from lt2convert.distill.recipe import Stage, load_stages, parse_stages, scale_budgets
@@ -151,7 +151,6 @@ def tiny(tmp_path_factory):
         teacher,
         derive_config(source, {"layer_types": ["full_attention", "gdn"]}),
         root / "student",
-        init=InitOptions(gdn_norm="unit"),
     )
     (root / "train.txt").write_text(words_text(1200))
     config = DistillConfig(
@@ -305,7 +304,6 @@ def test_dsa_indexer_warm_up_lowers_its_kl(tmp_path):
         teacher,
         derive_config(source, {"layer_types": ["full_attention", "gdn", "dsa"], "dsa_topk": 4, "dsa_index_n_heads": 2}),
         tmp_path / "student",
-        init=InitOptions(gdn_norm="unit"),
     )
     (tmp_path / "train.txt").write_text(words_text(800, seed=1))
     stage = replace(ALIGN, tokens=16 * BATCH * SEQ, lr=3e-3)

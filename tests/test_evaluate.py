@@ -120,13 +120,13 @@ def test_exported_hybrid_scores_the_same_through_plain_lm_eval(tiny_model, tmp_p
     import subprocess
     import sys
 
-    from lt2convert.convert import InitOptions, convert_checkpoint
+    from lt2convert.convert import convert_checkpoint
     from lt2convert.evaluate import tasks_dir
     from lt2convert.loading import derive_config, load_config
 
     config, _ = load_config(tiny_model)
     hybrid = derive_config(config, {"layer_types": ["gdn", "full_attention"]})
-    out = convert_checkpoint(tiny_model, hybrid, tmp_path / "hybrid", init=InitOptions(gdn_norm="unit"))
+    out = convert_checkpoint(tiny_model, hybrid, tmp_path / "hybrid")
     ours = evaluate(out, tasks="local_arc_easy", limit=8)["results"]["local_arc_easy"]
 
     hide = (

@@ -184,7 +184,8 @@ def test_explicit_layers_and_named_mixes():
 def test_every_shipped_recipe_plans_its_source(tmp_path):
     assert set(recipe_names()) >= {"ouro-1.4b-full-gdn", "ouro-1.4b-gdn-dsa", "smollm2-135m-full-gdn",
                                    "lt2-linear", "lt2-sparse", "tiny"}
-    sources = {"smollm2-135m-full-gdn": "smollm2-135m", "tiny": str(write_checkpoint(tmp_path, ouro_config()))}
+    sources = {"smollm2-135m-full-gdn": "smollm2-135m", "smollm2-135m-recall": "smollm2-135m",
+               "tiny": str(write_checkpoint(tmp_path, ouro_config()))}
     for name in recipe_names():
         source = sources.get(name, "ouro-1.4b")
         config, _ = load_config(source)

@@ -6,7 +6,7 @@ import torch
 from click.testing import CliRunner
 
 from lt2convert.cli import main
-from lt2convert.convert import InitOptions, convert
+from lt2convert.convert import convert
 from lt2convert.plan import read_plan, resolve_spec
 from lt2convert.sensitivity import keep_most_sensitive, layer_scores, sensitivity_plan
 from lt2convert.testing import SMALL_OURO_SHAPE, ouro_config, write_checkpoint
@@ -33,7 +33,7 @@ def test_sensitivity_plan_keeps_the_highest_scoring_layers_full(tmp_path):
     spec = resolve_spec("smollm2-135m-full-gdn")  # full_attention:1, gdn:3
     plan = sensitivity_plan(
         str(teacher), spec, data=[str(text)], tokens=6 * 2 * 32, seq_len=32, batch_size=2, eval_tokens=64,
-        eval_text=str(text), tokenizer="bytes", init=InitOptions(gdn_norm="unit"), progress=False,
+        eval_text=str(text), tokenizer="bytes", progress=False,
         work_dir=tmp_path,
     )
     scores = plan.strategy.scores
@@ -53,7 +53,7 @@ def test_sensitivity_plan_keeps_the_highest_scoring_layers_full(tmp_path):
     write_plan(plan, tmp_path / "plan.yaml")  # the library's plan, as `plan -o` writes it
     again = read_plan(tmp_path / "plan.yaml")
     assert again.strategy.scores == scores and again.layer_types == plan.layer_types
-    out = convert(teacher, tmp_path / "plan.yaml", tmp_path / "hybrid", init=InitOptions(gdn_norm="unit"))
+    out = convert(teacher, tmp_path / "plan.yaml", tmp_path / "hybrid")
     assert (out / "config.json").is_file()
 
 
