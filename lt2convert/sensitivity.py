@@ -137,6 +137,8 @@ def sensitivity_plan(
     folder = resolve_checkpoint(source).folder
     held_out = eval_text or str(fetch_asset("shakespeare") / "heldout.txt")
     ids = evaluation_ids(folder, held_out, eval_tokens, eval_windows, tokenizer)
+    # Scored before the align: seconds of teacher forwards that, if they fail, should not cost the align.
+    reserved, copy_scores = retrieval_layers(folder, keep_retrieval, tokenizer) if keep_retrieval else ([], None)
     with tempfile.TemporaryDirectory(prefix="lt2-sensitivity-", dir=work_dir) as work:
         work = Path(work)
         write_plan(every_layer, work / "plan.yaml")
@@ -146,7 +148,6 @@ def sensitivity_plan(
             seed=seed, tokenizer=tokenizer, progress=progress,
         ))
         scores = layer_scores(str(folder), str(run.final), ids)
-    reserved, copy_scores = retrieval_layers(folder, keep_retrieval, tokenizer) if keep_retrieval else ([], None)
     assignments = keep_most_sensitive(scores, keep, mixer, tuple(reserved))
     chosen = build_plan(source, config, dataclasses.replace(spec, placement="explicit", layers=assignments))
     params = {
