@@ -127,6 +127,38 @@ def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
+def swa_gdn_step(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    window: int,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    gate: torch.Tensor,
+) -> torch.Tensor:
+    """One decode step of the swa_gdn mixer's core: the window's attention plus the per-head gated GDN read-out
+    (the layer feeds its GDN branch other projections of the token; one set stands in for both here)."""
+    local = sliding_window_attention_step(q, k_cache, v_cache, window)
+    memory, _ = gated_delta_rule_step(q, k_new, v_new, g, beta, state)
+    return local + gate[:, None] * memory
+
+
+def swa_gdn_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    gate: torch.Tensor,
+    window: int,
+) -> torch.Tensor:
+    """The swa_gdn mixer's core over a prompt: sliding-window attention plus the gated chunked GDN."""
+    return sliding_window_attention(q, k, v, window) + gate[:, None] * gated_delta_rule(q, k, v, g, beta)[0]
+
+
 def check_parity(device: str) -> None:
     """Raise unless every benchmarked kernel matches its naive reference on small inputs."""
     gen = torch.Generator(device=device).manual_seed(0)
@@ -138,6 +170,7 @@ def check_parity(device: str) -> None:
     B, T, H, D = 2, 150, 4, 32
     q, k, v = rand(B, T, H, D), F.normalize(rand(B, T, H, D), dim=-1), rand(B, T, H, D)
     g, beta, h0 = F.logsigmoid(rand(B, T, H)), rand(B, T, H).sigmoid(), rand(B, H, D, D)
+    gate = rand(H)
     q_idx, k_idx, w_idx = rand(B, T, 2, 16), rand(B, T, 16), rand(B, T, 2)
     o, s = gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
     o_ref, s_ref = gated_delta_rule_reference(q, k, v, g, beta, initial_state=h0, output_final_state=True)
@@ -164,6 +197,10 @@ def check_parity(device: str) -> None:
         "sliding_window_attention_step": (
             sliding_window_attention_step(q[:, -1], k, v, 33),
             sliding_window_attention_reference(q, k, v, 33)[:, -1],
+        ),
+        "swa_gdn_step": (
+            swa_gdn_step(q[:, -1], k, v, 33, *(x[:, -1] for x in (k, v, g, beta)), s_before_last, gate),
+            sliding_window_attention_reference(q, k, v, 33)[:, -1] + gate[:, None] * o_ref[:, -1],
         ),
     }
     failed = {
@@ -206,6 +243,31 @@ def bench_gdn_prefill(cfg: BenchConfig, device: str, sdpa_ms: dict[int, float]) 
                 "speedup_vs_fla_naive": naive / ours,
                 "speedup_vs_sdpa": sdpa_ms[T] / ours,
                 "note": note,
+            }
+        )
+    return rows
+
+
+def bench_swa_gdn_prefill(cfg: BenchConfig, device: str, sdpa_ms: dict[int, float]) -> list[Row]:
+    """The swa_gdn mixer's core (window attention + gated GDN) against its two parts and causal SDPA."""
+    rows = []
+    gate = _randn(cfg.heads, device=device)
+    for T in cfg.seq_lens:
+        q, k, v, g, beta = gdn_inputs(T, cfg, device)
+        with torch.inference_mode():
+            both = time_ms(cfg, device, swa_gdn_prefill, q, k, v, g, beta, gate, cfg.swa_window)
+            swa = time_ms(cfg, device, sliding_window_attention, q, k, v, cfg.swa_window)
+            gdn = time_ms(cfg, device, gated_delta_rule, q, k, v, g, beta)
+        rows.append(
+            {
+                "section": "SWA+GDN (swa_gdn) prefill forward",
+                "T": T,
+                "swa_window": cfg.swa_window,
+                "swa_gdn_ms": both,
+                "swa_ms": swa,
+                "gdn_ms": gdn,
+                "sdpa_causal_ms": sdpa_ms[T],
+                "speedup_vs_sdpa": sdpa_ms[T] / both,
             }
         )
     return rows
@@ -292,7 +354,7 @@ def bench_decode(cfg: BenchConfig, device: str) -> list[Row]:
     for Tc in cfg.decode_contexts:
         q, k_new, v_new = (_randn(1, H, D, device=device) for _ in range(3))
         g, beta = -torch.rand(1, H, device=device), torch.rand(1, H, device=device)
-        state = _randn(1, H, D, D, device=device)
+        state, gate = _randn(1, H, D, D, device=device), _randn(H, device=device)
         k_cache, v_cache = _randn(1, Tc, H, D, device=device), _randn(1, Tc, H, D, device=device)
         q_idx, w_idx = _randn(1, HI, DI, device=device), _randn(1, HI, device=device)
         kidx_cache = _randn(1, Tc, DI, device=device)
@@ -304,6 +366,10 @@ def bench_decode(cfg: BenchConfig, device: str) -> list[Row]:
                 ),
                 "swa_step_ms": time_ms(
                     cfg, device, sliding_window_attention_step, q, k_cache, v_cache, cfg.swa_window
+                ),
+                "swa_gdn_step_ms": time_ms(
+                    cfg, device, swa_gdn_step, q, k_cache, v_cache, cfg.swa_window, k_new, v_new, g, beta, state,
+                    gate,
                 ),
                 "full_attention_step_ms": time_ms(cfg, device, full_attention_step, q, k_cache, v_cache),
             }
@@ -402,6 +468,7 @@ def run_kernel_bench(quick: bool = False, device: str = "cpu", show: bool = True
     check_parity(device)
     sdpa_ms: dict[int, float] = {}
     rows = bench_gdn_prefill(cfg, device, sdpa_ms)
+    rows += bench_swa_gdn_prefill(cfg, device, sdpa_ms)
     rows += bench_gdn_train(cfg, device)
     rows += bench_dsa(cfg, device, sdpa_ms)
     rows += bench_decode(cfg, device)

@@ -125,11 +125,14 @@ def gated_delta_rule(
     # split, not slicing: each slice's backward would materialise a full-size zero gradient (quadratic in T).
     segments = zip(*(x.split(SEGMENT_CHUNKS * chunk_size, dim=1) for x in (q, k, v, g, beta)), strict=True)
     state, outputs = initial_state, []
-    for q_s, k_s, v_s, g_s, beta_s in segments:
-        if use_qk_l2norm_in_kernel:
-            q_s, k_s = _l2norm(q_s), _l2norm(k_s)
-        o_s, state = _chunk_gated_delta_rule_torch(q_s, k_s, v_s, g_s, beta_s, scale, state, chunk_size)
-        outputs.append(o_s)
+    # The chunked algorithm runs in fp32 by design: under an enclosing autocast its matmuls would drop to bf16
+    # and write into the fp32 buffers.
+    with torch.autocast(q.device.type, enabled=False):
+        for q_s, k_s, v_s, g_s, beta_s in segments:
+            if use_qk_l2norm_in_kernel:
+                q_s, k_s = _l2norm(q_s), _l2norm(k_s)
+            o_s, state = _chunk_gated_delta_rule_torch(q_s, k_s, v_s, g_s, beta_s, scale, state, chunk_size)
+            outputs.append(o_s)
     return torch.cat(outputs, dim=1).to(q.dtype), state if output_final_state else None
 
 
@@ -316,14 +319,16 @@ def _chunk_gated_delta_rule_torch(
     lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     decay = _exp_decay(gc - gc.mT, keep=lower)  # exp(gc_i - gc_j) for j <= i
     kk = _Gram.apply(k) * beta  # beta_i (k_i . k_j)
-    # beta and exp(gc) scale rows/columns of the C x C inverses instead of the C x D operands: half the work.
-    u = (_UnitLowerInverse.apply(kk * decay) * beta.mT) @ v
-    # With D = diag(exp(gc)) the decayed system is D (I + A0) D^-1, A0 = strict_lower(kk), so
-    # w = (I + A)^-1 (beta k exp(gc)) = exp(gc) (I + A0)^-1 beta k. Inverting the undecayed system keeps
-    # every intermediate O(1): the decayed solve chains tiny factors into denormals, which are ~100x
-    # slower on CPUs. This relies on keys of norm ~1 (L2-normalised, as GDN uses).
+    # One inverse serves both systems. With D = diag(exp(gc)) the decayed system is D (I + A0) D^-1,
+    # A0 = strict_lower(kk), so its inverse is D X0 D^-1 = X0 * decay (elementwise) with X0 = (I + A0)^-1, and
+    # w = (I + A)^-1 (beta k exp(gc)) = exp(gc) X0 beta k. Inverting the undecayed system keeps every
+    # intermediate O(1): the decayed solve chains tiny factors into denormals, which are ~100x slower on CPUs.
+    # This relies on keys of norm ~1 (L2-normalised, as GDN uses).
+    # beta and exp(gc) scale rows/columns of the C x C inverse instead of the C x D operands: half the work.
+    inverse = _UnitLowerInverse.apply(kk)
+    u = (inverse * (decay * beta.mT)) @ v
     # Negated for free in the C x C factor: v_new = u + w S then needs no negation pass in either direction.
-    w = (_UnitLowerInverse.apply(kk) * -beta.mT * _exp_decay(gc)) @ k
+    w = (inverse * (-beta.mT * _exp_decay(gc))) @ k
     q_decayed = q * (_exp_decay(gc) * scale)
     attn = (q @ k.mT) * (decay * scale)
     g_last = gc[:, :, -1:]
@@ -346,6 +351,7 @@ def gated_delta_rule_step(
     state: torch.Tensor,
     scale: float | None = None,
     use_qk_l2norm_in_kernel: bool = False,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoding token of the gated delta rule; cost is independent of the context length.
 
@@ -356,6 +362,8 @@ def gated_delta_rule_step(
         state: ``[B, H, K, V]`` state before this token.
         scale: query scale, default ``K ** -0.5``.
         use_qk_l2norm_in_kernel: L2-normalise ``q`` and ``k`` over ``K`` first.
+        inplace: update ``state`` itself (a contiguous fp32 state the caller owns) and return it: no
+            state-sized allocation per token, and fewer ops (decoding's per-token cost at batch 1 is op overhead).
 
     Returns:
         ``(o, new_state)``: ``o`` is ``[B, H, V]`` in ``q``'s dtype, ``new_state`` is ``[B, H, K, V]`` fp32.
@@ -366,12 +374,29 @@ def gated_delta_rule_step(
         qf, kf = _l2norm(q), _l2norm(k)
     else:
         qf, kf = q.float(), k.float()
+    if inplace and state.dtype == torch.float32 and state.is_contiguous():
+        return _step_in_place(qf, kf, v, g, beta, state, scale).to(q.dtype), state
     state = state.float() * g.float().exp()[..., None, None]
     retrieved = (kf.unsqueeze(-2) @ state).squeeze(-2)  # S^T k: what the state currently stores under k
     delta = beta.float().unsqueeze(-1) * (v.float() - retrieved)
     state = state + kf.unsqueeze(-1) * delta.unsqueeze(-2)
     o = ((qf * scale).unsqueeze(-2) @ state).squeeze(-2)
     return o.to(q.dtype), state
+
+
+def _step_in_place(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """:func:`gated_delta_rule_step`'s update written into ``state`` (fp32 q, k): decay, then the rank-one
+    delta write as one batched ``baddbmm_``. Returns ``o [B, H, V]`` fp32."""
+    B, H, K, V = state.shape
+    flat = state.view(B * H, K, V)
+    flat.mul_(g.float().exp().view(B * H, 1, 1))
+    keys = k.reshape(B * H, 1, K)
+    delta = (v.float().reshape(B * H, 1, V) - torch.bmm(keys, flat)).mul_(beta.float().reshape(B * H, 1, 1))
+    flat.baddbmm_(keys.mT, delta)
+    return torch.bmm((q * scale).reshape(B * H, 1, K), flat).view(B, H, V)
 
 
 def gated_delta_rule_reference(

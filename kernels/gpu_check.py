@@ -31,6 +31,9 @@ RATIO_LIMITS = {
 
 # (B, T, H, K, V): T values that are not multiples of fla's 64-token chunk on purpose.
 SHAPES = [(2, 1000, 4, 128, 128), (1, 4100, 2, 64, 128), (3, 63, 4, 128, 64)]
+# A whole swa_gdn layer in bf16 (projections, norms and the window's softmax included) against fp32: bf16
+# rounding alone gives about 7e-3 (measured on the CPU); a layout mismatch with fla's kernel gives O(1).
+SWA_GDN_LAYER_LIMIT = 2e-2
 
 
 def error_ratio(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -74,6 +77,44 @@ def check_gdn(shape: tuple[int, ...], l2norm: bool, seed: int = 0) -> dict[str, 
     return {name: error_ratio(cuda[name], cpu[name]) for name in cpu}
 
 
+@torch.no_grad()
+def check_swa_gdn_layer(
+    prompt: int = 1000, decoded: int = 8, window: int = 256, seed: int = 0, device: str = "cuda"
+) -> dict[str, float]:
+    """Error ratios of a swa_gdn layer (gate open) on `device` in bf16 (on CUDA its GDN branch runs fla's chunk
+    kernel) against the same layer on the CPU in fp32: the prompt's outputs, then `decoded` tokens decoded one by
+    one after it."""
+    from lt2convert.modeling import LT2Config, LT2ForCausalLM
+    from lt2convert.modeling.modeling_lt2 import MixerContext
+
+    config = LT2Config(
+        vocab_size=64, hidden_size=512, intermediate_size=64, num_hidden_layers=1, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=64, total_ut_steps=1, layer_types=["swa_gdn"], swa_window=window,
+        max_position_embeddings=prompt + decoded,
+    )
+    torch.manual_seed(seed)
+    model = LT2ForCausalLM(config).eval()
+    layer, rotary = model.model.layers[0].self_attn, model.model.rotary_emb
+    layer.gdn_gate.normal_()
+    x = torch.randn(2, prompt + decoded, config.hidden_size)
+
+    def run(device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        layer.to(device, dtype)
+        rotary.to(device)
+        h = x.to(device, dtype)
+        cos, sin = rotary(h, torch.arange(prompt + decoded, device=device)[None].expand(2, -1))
+        state: dict = {}
+        outs = [layer(h[:, :prompt], MixerContext(cos[:, :prompt], sin[:, :prompt], None, 0), state)]
+        for t in range(prompt, prompt + decoded):
+            ctx = MixerContext(cos[:, t : t + 1], sin[:, t : t + 1], None, t)
+            outs.append(layer(h[:, t : t + 1], ctx, state))
+        return outs[0], torch.cat(outs[1:], dim=1)
+
+    ours = run(device, torch.bfloat16)
+    ref = run("cpu", torch.float32)
+    return {name: error_ratio(a, b) for name, a, b in zip(("prefill", "decode"), ours, ref, strict=True)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -98,8 +139,14 @@ def main() -> None:
                 print(f"B,T,H,K,V={shape} l2norm={l2norm!s:5} {name:12} {ratio:.2e}  {verdict}")
                 if verdict == "FAIL":
                     failures.append((shape, l2norm, name, ratio))
+    print(f"# swa_gdn layer: CUDA bf16 (fla GDN branch) vs CPU fp32, RMS error ratio, limit {SWA_GDN_LAYER_LIMIT}")
+    for name, ratio in check_swa_gdn_layer().items():
+        verdict = "ok" if ratio <= SWA_GDN_LAYER_LIMIT else "FAIL"
+        print(f"swa_gdn layer {name:8} {ratio:.2e}  {verdict}")
+        if verdict == "FAIL":
+            failures.append(("swa_gdn layer", name, ratio))
     if failures:
-        raise SystemExit(f"GDN CUDA/CPU check failed for {len(failures)} tensors: {failures}")
+        raise SystemExit(f"CUDA/CPU check failed for {len(failures)} tensors: {failures}")
     run_kernel_bench(quick=args.quick, device="cuda")
 
 

@@ -32,7 +32,7 @@ from lt2convert.modeling.modeling_lt2 import cache_capacity
 
 BENCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CONTEXT_MODES = ("synthetic", "prefill")
-MIXER_LETTERS = {"full_attention": "F", "gdn": "G", "dsa": "D", "swa": "S"}
+MIXER_LETTERS = {"full_attention": "F", "gdn": "G", "dsa": "D", "swa": "S", "swa_gdn": "M"}
 
 
 def parse_context(text: str) -> int:
@@ -138,9 +138,13 @@ def synthetic_slot(
     capacity = cache_capacity(context)  # growing caches allocate whole blocks of tokens
     if mixer == "full_attention":
         return {"k": rand(batch, kv, capacity, d), "v": rand(batch, kv, capacity, d), "length": context}
-    if mixer == "swa":
+    if mixer in ("swa", "swa_gdn"):
         ring = cache_capacity(min(context, config.swa_window), config.swa_window)
-        return {"k": rand(batch, kv, ring, d), "v": rand(batch, kv, ring, d), "tokens": context}
+        window = {"k": rand(batch, kv, ring, d), "v": rand(batch, kv, ring, d), "tokens": context}
+        if mixer == "swa":
+            return window
+        # swa_gdn: its window and its GDN branch's states share the slot (their keys differ).
+        return window | synthetic_gdn_slot(model.model.layers[layer].self_attn.gdn, config, batch, rand)
     if mixer == "dsa":
         return {
             "k": rand(batch, capacity, kv, d),
@@ -149,17 +153,19 @@ def synthetic_slot(
             "length": context,
         }
     if mixer == "gdn":
-        gdn = model.model.layers[layer].self_attn
-        heads, dk, dv = gdn.num_heads, gdn.head_k_dim, gdn.head_v_dim
-        # A contracting recurrent state (as decay and L2-normed keys keep real ones), fp32 like the kernels'.
-        slot = {"recurrent": rand(batch, heads, dk, dv, dt=torch.float32) * dk**-0.5}
-        if gdn.use_short_conv:
-            keep = config.gdn_conv_size - 1
-            slot["conv_q"] = rand(batch, heads * dk, keep)
-            slot["conv_k"] = rand(batch, heads * dk, keep)
-            slot["conv_v"] = rand(batch, heads * dv, keep)
-        return slot
+        return synthetic_gdn_slot(model.model.layers[layer].self_attn, config, batch, rand)
     raise ValueError(f"layer {layer}: unknown mixer {mixer!r}")
+
+
+def synthetic_gdn_slot(gdn, config: LT2Config, batch: int, rand) -> dict:
+    """A GDN module's recurrent and short-conv states, as its prefill leaves them, with random values."""
+    heads, dk, dv = gdn.num_heads, gdn.head_k_dim, gdn.head_v_dim
+    # A contracting recurrent state (as decay and L2-normed keys keep real ones), fp32 like the kernels'.
+    slot = {"recurrent": rand(batch, heads, dk, dv, dt=torch.float32) * dk**-0.5}
+    if gdn.use_short_conv:
+        # The q, k and v convolutions' last inputs, their channels together.
+        slot["conv"] = rand(batch, heads * (2 * dk + dv), config.gdn_conv_size - 1)
+    return slot
 
 
 def synthetic_cache(
@@ -323,7 +329,7 @@ def bench(
     if not models:
         raise ValueError("no model to benchmark")
     if batch <= 0:
-        raise ValueError(f"--batch must be > 0, got {batch}")
+        raise ValueError(f"--batch-size must be > 0, got {batch}")
     if decode_tokens <= 0:
         raise ValueError(f"--decode-tokens must be > 0, got {decode_tokens}")
     if repeats <= 0 or warmup < 0:

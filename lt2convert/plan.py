@@ -9,8 +9,6 @@ documented in docs/plan-format.md, the cost model in docs/cost-model.md.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import typing
 from collections import Counter
 from collections.abc import Mapping
@@ -20,6 +18,7 @@ from pathlib import Path
 
 from lt2convert.costs import (
     DTYPE_BYTES,
+    MIXER_PARTS,
     Hardware,
     cache_bytes,
     decode_cost,
@@ -28,6 +27,7 @@ from lt2convert.costs import (
     kv_cache_bytes_per_token,
     prefill_flops,
 )
+from lt2convert.io.outputs import PLAN_HEADER, atomic_write_text
 from lt2convert.loading import architecture, derive_config
 from lt2convert.modeling import MIXER_TYPES, LT2Config
 
@@ -86,6 +86,11 @@ class SWASettings:
 MixerSettings = GDNSettings | DSASettings | SWASettings
 # Mixer settings are global per mixer type; field `f` of mixer `m` is the runtime config field `m_f`.
 SETTINGS: dict[str, type[MixerSettings]] = {"gdn": GDNSettings, "dsa": DSASettings, "swa": SWASettings}
+
+
+def settings_used(mixers: typing.Iterable[str]) -> set[str]:
+    """The settings sections layers of these mixers read: a mixer built from others (swa_gdn) reads its parts'."""
+    return {section for m in mixers for section in MIXER_PARTS.get(m, (m,)) if section in SETTINGS}
 
 
 @dataclass(frozen=True)
@@ -227,19 +232,9 @@ def write_plan(plan: Plan, path: str | Path) -> Path:
     document["strategy"]["params"] = {key: FlowMap(v) if isinstance(v, dict) else v for key, v in params.items()}
     body = yaml.dump(document, Dumper=PlanDumper, sort_keys=False, default_flow_style=False)
     path = Path(path)
-    text = f"# lt2convert plan (format {PLAN_FORMAT}, version {PLAN_VERSION}; see docs/plan-format.md)\n{body}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    text = f"{PLAN_HEADER} (format {PLAN_FORMAT}, version {PLAN_VERSION}; see docs/plan-format.md)\n{body}"
+    # Only an earlier plan is replaced: `-o SRC/config.json` must not turn a checkpoint's config into YAML.
+    return atomic_write_text(path, text, kind="plan")
 
 
 class FlowMap(dict):
@@ -264,7 +259,12 @@ def parse_plan(data: object, origin: str = "plan") -> Plan:
         if values is not None:
             mixers[mixer] = make_settings(mixer, values, f"mixers.{mixer}", problems)
     used = {layer.mixer for layer in layers} - {FULL}
-    problems += [f"mixers.{m}: missing (layers use {m})" for m in sorted(used - set(sections))]
+    problems += [
+        f"mixers.{section}: missing (layers use {m})"
+        for m in sorted(used)
+        for section in sorted(settings_used([m]))
+        if section not in sections
+    ]
     strategy = parse_strategy(top["strategy"], num_layers, problems) if "strategy" in top else None
     if problems:
         raise PlanError(origin, problems)
@@ -642,7 +642,7 @@ def mixer_settings(
     the overrides; a mixer the source already uses keeps the settings of its existing layers."""
     names = [f"{mixer}_{f.name}" for f in fields(SETTINGS[mixer])]
     data = architecture(source)
-    if mixer not in source.layer_types:
+    if mixer not in settings_used(source.layer_types):
         for name in names:
             data.pop(name)
     try:
@@ -661,7 +661,7 @@ def build_plan(source: str, config: LT2Config, spec: PlanSpec) -> Plan:
     settings = {
         mixer: mixer_settings(config, mixer, spec.mixers.get(mixer, {}), f"mixers.{mixer}", problems)
         for mixer in SETTINGS
-        if mixer in mixers_used
+        if mixer in settings_used(mixers_used)
     }
     if problems:
         raise PlanError(f"recipe {spec.recipe}" if spec.recipe else "strategy", problems)
@@ -732,8 +732,8 @@ def plan_costs(
     dtype: str = "bf16",
 ) -> dict:
     """The cost model for the source and the planned model, with the projected decoding speedups."""
-    problems = [f"--batch must be > 0, got {batch}"] if batch <= 0 else []
-    problems += [f"--context must be > 0, got {c}" for c in contexts if c <= 0]
+    problems = [f"--batch-size must be > 0, got {batch}"] if batch <= 0 else []
+    problems += [f"--contexts must be > 0, got {c}" for c in contexts if c <= 0]
     if dtype not in DTYPE_BYTES:
         problems.append(f"--dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
     if problems:
@@ -780,8 +780,11 @@ def plan(
     """Make a plan for `source` (or check and cost an existing `plan_file`), optionally write it to `output`, and
     return it as a dict together with its `cost`. `sensitivity` (keyword arguments of
     `lt2convert.sensitivity.sensitivity_plan`) chooses the full-attention layers from data instead of placing them."""
+    from lt2convert.io.outputs import check_replaceable
     from lt2convert.loading import load_config
 
+    if output is not None:
+        check_replaceable(Path(output), "plan")  # before any work: a refusal costs nothing
     config, _ = load_config(source)
     if plan_file is not None:
         if any(given is not None for given in (recipe, mix, placement, layers, sensitivity)):

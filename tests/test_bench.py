@@ -18,7 +18,7 @@ from lt2convert.testing import ouro_config, write_checkpoint
 def tiny_hybrid():
     source = config_from_dict(ouro_config(num_key_value_heads=2))
     return derive_config(
-        source, {"layer_types": ["full_attention", "gdn", "dsa", "swa", "gdn"], "num_hidden_layers": 5,
+        source, {"layer_types": ["full_attention", "gdn", "dsa", "swa", "swa_gdn"], "num_hidden_layers": 5,
                  "swa_window": 8, "dsa_topk": 4}
     )
 
@@ -52,10 +52,12 @@ def test_bench_cli_json(tmp_path):
     result = CliRunner().invoke(
         main,
         ["bench", str(tmp_path / "ouro"), "--vs", str(gqa), "--vs", str(gqa), "--random", "--contexts", "16,32",
-         "--decode-tokens", "2", "--warmup", "1", "--repeats", "1", "--device", "cpu", "--json"],
+         "--decode-tokens", "2", "--warmup", "1", "--repeats", "1", "--device", "cpu", "--json",
+         "-o", str(tmp_path / "bench.json")],
     )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
+    assert json.loads((tmp_path / "bench.json").read_text()) == report  # -o writes what --json prints
     assert report["contexts"] == [16, 32] and report["context_mode"] == "synthetic"
     assert [m["name"] for m in report["models"]] == [f"{p} (random init)" for p in (tmp_path / "ouro", gqa, gqa)]
     first = report["models"][0]
@@ -82,7 +84,7 @@ def test_bench_loads_weights_and_prints_tables(tmp_path):
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--contexts", "8q"], "unknown context spec '8q'"), (["--batch", "0"], "--batch must be > 0")],
+    [(["--contexts", "8q"], "unknown context spec '8q'"), (["--batch-size", "0"], "--batch-size must be > 0")],
 )
 def test_bench_bad_input_is_one_line(tmp_path, args, message):
     result = CliRunner().invoke(main, ["bench", "ouro-1.4b", "--random", *args])

@@ -121,3 +121,73 @@ def test_pickle_only_checkpoint_is_refused(tmp_path):
 
     with pytest.raises(CheckpointError, match="safetensors only"):
         load_model(tmp_path)
+
+
+def test_string_field_in_config_is_named(tmp_path):
+    write_checkpoint(tmp_path, ouro_config())
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_size": "64"}))
+    message = load_error(tmp_path)
+    assert "config.json" in message and 'field "hidden_size" is \'64\'; expected an integer' in message
+
+
+def test_integer_weight_is_named(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    write_checkpoint(tmp_path, ouro_config())
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"].to(torch.int32)
+    save_file(weights, tmp_path / "model.safetensors")
+    message = load_error(tmp_path)
+    assert "model.safetensors: tensor model.embed_tokens.weight is stored as I32" in message
+
+
+COMMANDS = ["inspect", "plan", "convert", "bench", "eval", "report", "distill", "pipeline", "fetch-asset"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_takes_dash_h(command):
+    result = run(command, "-h")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"Usage: main {command}") or result.output.startswith("Usage:")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["report"], "Missing argument 'INPUTS...'"),
+        (["eval", "m", "--suite", "nope"], "'nope' is not one of"),
+        (["eval", "m"], "give exactly one of --suite and --tasks"),
+        (["distill", "-o", "run"], "give STUDENT, --teacher and --recipe"),
+        (["plan", "ouro-1.4b", "--device", "h100"], "--device is now --hardware"),
+        (["plan", "ouro-1.4b", "--batch", "1"], "--batch is now --batch-size"),
+        (["bench", "ouro-1.4b", "--batch", "1"], "--batch is now --batch-size"),
+    ],
+)
+def test_usage_errors_exit_2(args, message):
+    result = run(*args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+@pytest.mark.parametrize("spec", ["./no-such-checkpoint", "no/such/checkpoint", "tests/no-such-checkpoint"])
+def test_missing_local_folder_is_named_not_a_hub_error(spec):
+    result = run("inspect", spec)  # tests/ exists, so tests/NAME is a local path, not a hub id
+    assert result.exit_code == 1
+    assert result.output.strip() == f"Error: no such folder: {spec}"
+
+
+def test_preset_without_its_asset_names_the_fetch_command(tmp_path, monkeypatch):
+    from lt2convert import loading
+    from lt2convert.io.hub import SourceError
+    from lt2convert.loading import resolve_checkpoint
+
+    def offline(hub_id, revision):
+        raise SourceError(f"{hub_id}: not in the local cache and the hub cannot be reached")
+
+    monkeypatch.setenv("LT2CONVERT_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(loading, "download", offline)
+
+    with pytest.raises(SourceError, match="run `lt2convert fetch-asset smollm2-135m`"):
+        resolve_checkpoint("smollm2-135m")

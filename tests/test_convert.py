@@ -87,6 +87,27 @@ def test_gdn_layers_start_from_attention_and_other_tensors_are_untouched(source_
     assert torch.isfinite(logits(model, IDS)).all()
 
 
+def test_swa_gdn_starts_as_its_swa_conversion_and_holds_a_gdn_conversion(source_dir, tmp_path):
+    """Gate closed: the Full+swa_gdn hybrid computes exactly what the Full+SWA hybrid does; its GDN branch
+    holds the tensors a gdn conversion writes, except o_proj, which it shares with the attention."""
+    def convert_to(mixer):
+        layer_types = [mixer, "full_attention", mixer]
+        return convert_checkpoint(source_dir, target(source_dir, layer_types, swa_window=5), tmp_path / mixer,
+                                  init=UNCALIBRATED)
+
+    mixed, windowed, gdn = convert_to("swa_gdn"), convert_to("swa"), convert_to("gdn")
+    ids = torch.cat([IDS, IDS[:, :9]], dim=1)  # odd, and several windows long
+    assert torch.equal(logits(load_model(mixed), ids), logits(load_model(windowed), ids))
+    mixed_tensors, swa_tensors, gdn_tensors = LazyCheckpoint(mixed), LazyCheckpoint(windowed), LazyCheckpoint(gdn)
+    prefix = "model.layers.0.self_attn."
+    branch = {n.removeprefix(prefix + "gdn.") for n in mixed_tensors.names() if n.startswith(prefix + "gdn.")}
+    assert branch == {n.removeprefix(prefix) for n in gdn_tensors.names() if n.startswith(prefix)} - {"o_proj.weight"}
+    assert all(torch.equal(mixed_tensors.get(prefix + "gdn." + n), gdn_tensors.get(prefix + n)) for n in branch)
+    assert set(mixed_tensors.names()) - set(swa_tensors.names()) == {
+        f"model.layers.{i}.self_attn.{n}" for i in (0, 2) for n in ("gdn_gate", *(f"gdn.{b}" for b in branch))
+    }
+
+
 def test_output_describes_itself(source_dir, tmp_path):
     plan = {"strategy": "test"}
     out = convert_checkpoint(
@@ -105,6 +126,27 @@ def test_output_describes_itself(source_dir, tmp_path):
     assert all(len(h) == 64 for h in record["input_sha256"].values())
     for name in ("modeling_lt2.py", "configuration_lt2.py", "lt2_kernels.py", "README.md"):
         assert (out / name).is_file(), name
+    assert config["dtype"] == "float32" and not {"torch_dtype", "id2label", "label2id"} & set(config)
+
+
+def test_model_card_metadata_of_a_preset_conversion(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from lt2convert.cards import conversion_card
+    from lt2convert.presets import get_preset
+
+    preset = get_preset("ouro-1.4b")
+    record = {
+        "source": {"spec": "ouro-1.4b", "kind": "preset", "hub_id": preset.hub_id, "revision": preset.revision},
+        "init": {"gdn_conv": "identity"},
+        "versions": {"lt2convert": "0.1.0"},
+    }
+    config = {"num_hidden_layers": 3, "total_ut_steps": 4, "layer_types": ["gdn", "full_attention", "gdn"]}
+    (tmp_path / "README.md").write_text(conversion_card(config, record))
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.base_model == "ByteDance/Ouro-1.4B" and card.data.license == preset.license
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    assert "lt2" in card.data.tags and "gdn ×2, full_attention ×1" in card.text and "Not trained" in card.text
 
 
 def test_sharded_output_with_index(source_dir, tmp_path):
@@ -169,18 +211,31 @@ EXPORT_CHECK = textwrap.dedent(
                          pad_token_id=0)
     with torch.no_grad():
         full = model(out, use_cache=False).logits
-    torch.save({"generated": out, "logits": full}, sys.argv[2])
+        step = model(out[:, :8], use_cache=True)  # the classic loop: prefill, then past_key_values per token
+        pieces, past = [step.logits], step.past_key_values
+        for t in range(8, out.shape[1]):
+            step = model(out[:, t : t + 1], past_key_values=past, use_cache=True)
+            pieces.append(step.logits)
+            past = step.past_key_values
+    try:
+        model(ids, foo=1)
+        refused = False
+    except TypeError:
+        refused = True
+    torch.save({"generated": out, "logits": full, "classic": torch.cat(pieces, 1), "refused": refused}, sys.argv[2])
     """
 )
 
 
 @pytest.mark.parametrize(
-    "layer_types", [["gdn", "full_attention", "gdn"], ["dsa", "gdn", "dsa"]], ids=["full-gdn", "gdn-dsa"]
+    "layer_types",
+    [["gdn", "full_attention", "gdn"], ["dsa", "gdn", "dsa"], ["swa_gdn", "full_attention", "swa_gdn"]],
+    ids=["full-gdn", "gdn-dsa", "full-swa_gdn"],
 )
 def test_export_loads_and_generates_without_lt2convert(source_dir, tmp_path, layer_types):
     out = convert_checkpoint(
         source_dir,
-        target(source_dir, layer_types, dsa_topk=4, dsa_index_n_heads=2, dsa_index_head_dim=32),
+        target(source_dir, layer_types, dsa_topk=4, dsa_index_n_heads=2, dsa_index_head_dim=32, swa_window=5),
         tmp_path / "out",
         init=UNCALIBRATED,
     )
@@ -205,6 +260,9 @@ def test_export_loads_and_generates_without_lt2convert(source_dir, tmp_path, lay
     )
     assert torch.equal(result["generated"], expected)
     assert relative_error(result["logits"], logits(ours, result["generated"])) <= FP32_TOL
+    # 1e-4: GDN sums in another order token by token than chunked (as in test_mixers); an ignored cache is ~1e-1.
+    assert relative_error(result["classic"], result["logits"]) <= 1e-4
+    assert result["refused"]  # model(ids, foo=1) raises TypeError in the remote code too
 
 
 def test_calibrated_output_scale_brings_gdn_closer_to_attention(source_dir, tmp_path):
@@ -252,3 +310,139 @@ def test_cli_plan_then_convert_and_mismatched_plan(tmp_path):
     assert not (tmp_path / "out2").exists()
     again = runner.invoke(main, ["convert", str(source), "-o", str(tmp_path / "out"), *args])
     assert again.exit_code == 1 and "already exists" in again.output
+
+
+# ----------------------------------------------------------------------------------------------- reliability
+
+
+def gdn_target(source_dir):
+    return target(source_dir, ["gdn", "full_attention", "gdn"])
+
+
+def test_overwrite_replaces_only_an_earlier_conversion(source_dir, tmp_path, monkeypatch):
+    from lt2convert.io.outputs import OutputError
+
+    out = convert_checkpoint(source_dir, gdn_target(source_dir), tmp_path / "out", init=UNCALIBRATED)
+    convert_checkpoint(source_dir, gdn_target(source_dir), out, init=UNCALIBRATED, overwrite=True)  # ours: replaced
+    assert (out / "provenance.json").is_file()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match=r"mine: exists and is not a model folder written by lt2convert"):
+        convert_checkpoint(source_dir, gdn_target(source_dir), mine, init=UNCALIBRATED, overwrite=True)
+    assert (mine / "notes.txt").read_text() == "mine"
+    monkeypatch.chdir(out)  # even an earlier conversion is never replaced while it is the current directory
+    with pytest.raises(OutputError, match="current directory"):
+        convert_checkpoint(source_dir, gdn_target(source_dir), ".", init=UNCALIBRATED, overwrite=True)
+    with pytest.raises(OutputError, match="current directory"):
+        convert_checkpoint(source_dir, gdn_target(source_dir), "..", init=UNCALIBRATED, overwrite=True)
+    assert (out / "provenance.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "out"]
+
+
+def test_output_folder_permissions_follow_the_umask(source_dir, tmp_path):
+    previous = os.umask(0o027)
+    try:
+        out = convert_checkpoint(source_dir, gdn_target(source_dir), tmp_path / "out", init=UNCALIBRATED)
+    finally:
+        os.umask(previous)
+    assert out.stat().st_mode & 0o777 == 0o750  # not mkdtemp's 0700
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o640
+
+
+def test_disk_full_names_the_output_and_leaves_nothing(source_dir, tmp_path, monkeypatch):
+    import errno
+
+    from lt2convert.io.writer import ShardedWriter
+
+    def full(self, name, tensor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ShardedWriter, "add", full)
+    with pytest.raises(OSError, match=r"out: no space left on the device while writing it") as caught:
+        convert_checkpoint(source_dir, gdn_target(source_dir), tmp_path / "out", init=UNCALIBRATED)
+    assert caught.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_int32_weight_is_rejected_naming_tensor_and_file(source_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from lt2convert.io.checkpoint import CheckpointError
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for item in source_dir.iterdir():
+        (bad / item.name).write_bytes(item.read_bytes())
+    weights = load_file(bad / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"].to(torch.int32)
+    save_file(weights, bad / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor model\.norm\.weight is stored as I32"):
+        convert_checkpoint(bad, target(bad, ["gdn"] * 3), tmp_path / "out", init=UNCALIBRATED)
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibration_text_is_checked_like_training_text(source_dir, tmp_path):
+    from lt2convert.convert import calibration_ids
+    from lt2convert.distill.data import DataError
+
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(DataError, match=r"weights\.bin: not UTF-8 text"):
+        calibration_ids(source_dir, binary, 8)
+    text = tmp_path / "text.txt"
+    text.write_text("plain words " * 200)
+    # The tiny source has no tokenizer: named, instead of transformers' cut-off list of classes.
+    with pytest.raises(DataError, match=rf"{source_dir.name}: the source has no tokenizer"):
+        calibration_ids(source_dir, text, 8)
+
+
+SIGNALLED_CONVERT = """
+import sys, time
+from lt2convert.convert import InitOptions, convert_checkpoint
+from lt2convert.io.writer import ShardedWriter
+from lt2convert.loading import derive_config, load_config
+original = ShardedWriter.add
+def slow(self, name, tensor):
+    time.sleep(0.05)
+    return original(self, name, tensor)
+ShardedWriter.add = slow
+source, out = sys.argv[1], sys.argv[2]
+config, _ = load_config(source)
+target = derive_config(config, {"layer_types": ["gdn", "full_attention", "gdn"]})
+convert_checkpoint(source, target, out, init=InitOptions(gdn_conv="identity", gdn_norm="unit"))
+"""
+
+
+def start_and_signal(source_dir, out, signal_number) -> int:
+    """Start a slowed conversion into `out`, send it `signal_number` once its staging folder exists."""
+    import time
+
+    process = subprocess.Popen([sys.executable, "-c", SIGNALLED_CONVERT, str(source_dir), str(out)])
+    deadline = time.monotonic() + 60
+    while not list(out.parent.glob(f".{out.name}.partial-*")) and time.monotonic() < deadline:
+        assert process.poll() is None, "the conversion ended before it could be signalled"
+        time.sleep(0.02)
+    time.sleep(0.2)  # mid-write
+    process.send_signal(signal_number)
+    return process.wait(timeout=60)
+
+
+def test_sigterm_during_convert_leaves_the_output_path_clean(source_dir, tmp_path):
+    import signal
+
+    code = start_and_signal(source_dir, tmp_path / "out", signal.SIGTERM)
+    assert code != 0
+    assert list(tmp_path.iterdir()) == []  # no output, no hidden .out.partial-* folder
+
+
+def test_partial_folder_of_a_killed_convert_is_removed_by_the_next_run(source_dir, tmp_path, capfd):
+    import signal
+
+    out = tmp_path / "out"
+    assert start_and_signal(source_dir, out, signal.SIGKILL) != 0
+    left = list(tmp_path.glob(".out.partial-*"))
+    assert len(left) == 1  # SIGKILL cannot be handled: the staging folder stays
+    convert_checkpoint(source_dir, gdn_target(source_dir), out, init=UNCALIBRATED)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert f"removed {left[0]}" in capfd.readouterr().err

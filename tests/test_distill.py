@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -181,6 +182,24 @@ def test_align_reduces_mixer_output_error_and_kd_reduces_kl(tiny):
     assert sum(m["loss"] for m in kd[-3:]) < sum(m["loss"] for m in kd[:3])
 
 
+def test_final_has_its_own_card_and_training_provenance(tiny):
+    from huggingface_hub import ModelCard
+
+    final, run = tiny["result"].final, tiny["root"] / "run-a"
+    card = ModelCard.load(final / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    assert "distillation" in card.data.tags and card.data.base_model is None  # a local teacher has no hub id
+    last = {m["stage"]: m["loss"] for m in metrics(run)}
+    assert "distilled from the teacher" in card.text and "Not trained" not in card.text
+    assert f"| align | align | {ALIGN.tokens:,} |" in card.text and f"{last['kd']:.4g}" in card.text
+    record = json.loads((final / "provenance.json").read_text())
+    converted = json.loads((tiny["student"] / "provenance.json").read_text())
+    assert {k: record[k] for k in converted} == converted  # the conversion's record, extended
+    training = record["training"]
+    assert training["final_losses"] == last and training["tokens"] == tiny["result"].tokens
+    assert training["data"] == tiny["config"].data and [s["name"] for s in training["stages"]] == ["align", "kd"]
+
+
 def test_only_the_new_mixers_change(tiny):
     teacher, final = LazyCheckpoint(tiny["teacher"]), LazyCheckpoint(tiny["result"].final)
     student = LazyCheckpoint(tiny["student"])
@@ -317,6 +336,144 @@ def test_dsa_indexer_warm_up_lowers_its_kl(tmp_path):
     assert sum(kl[-4:]) < 0.9 * sum(kl[:4]), kl
 
 
+def test_align_opens_the_swa_gdn_gate_and_trains_its_memory(tmp_path):
+    """A new swa_gdn layer starts as its window's attention (gate closed); align opens the gate, trains the GDN
+    branch through it, and brings the layer closer to the teacher's attention."""
+    teacher = write_checkpoint(tmp_path / "teacher", TINY, seed=2)
+    source, _ = load_config(teacher)
+    student = convert_checkpoint(
+        teacher, derive_config(source, {"layer_types": ["full_attention", "swa_gdn"], "swa_window": 4}),
+        tmp_path / "student",
+    )
+    (tmp_path / "train.txt").write_text(words_text(800, seed=1))
+    config = DistillConfig(
+        teacher=str(teacher), student=str(student), data=[str(tmp_path / "train.txt")], out=str(tmp_path / "run"),
+        stages=[replace(ALIGN, tokens=12 * BATCH * SEQ, lr=3e-3)], tokenizer="bytes", progress=False,
+    )
+    result = distill(config)
+    before, after = LazyCheckpoint(student), LazyCheckpoint(result.final)
+    assert torch.equal(before.get(MIXER + "gdn_gate"), torch.zeros(SHAPE["num_attention_heads"]))
+    assert after.get(MIXER + "gdn_gate").abs().min() > 0
+    assert not torch.equal(after.get(MIXER + "gdn.q_proj.weight"), before.get(MIXER + "gdn.q_proj.weight"))
+    held_out = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(123))
+    errors = [mixer_output_errors(load_model(teacher), load_model(m), held_out)[1] for m in (student, result.final)]
+    assert errors[1] < errors[0], errors
+
+
+# ---------------------------------------------------------------------------------------- gradient accumulation
+
+# align's normalising scale is each micro-batch's own mean square, so the exact comparison uses the plain MSE.
+EXACT_ALIGN = replace(ALIGN, normalize=False)
+MICRO_KD = replace(KD, micro_batch_size=1)
+
+
+@pytest.fixture(scope="module")
+def accumulated(tiny):
+    """One run at the full batch, one with each batch in micro-batches of one row (fp32, so only the summation
+    order differs)."""
+    runs = {}
+    for name, stages in (("full", [EXACT_ALIGN, KD]), ("micro", [replace(EXACT_ALIGN, micro_batch_size=1), MICRO_KD])):
+        config = replace(tiny["config"], out=str(tiny["root"] / f"run-{name}"), stages=stages, precision="fp32")
+        runs[name] = (config, distill(config))
+    return runs
+
+
+def test_micro_batches_give_the_full_batch_result(accumulated):
+    full, micro = (load_file(result.final / "model.safetensors") for _, result in accumulated.values())
+    changed = [n for n in full if n.startswith(MIXER)]
+    assert changed and set(full) == set(micro)
+    for name in full:
+        scale = full[name].abs().max().clamp(min=1e-12)
+        assert (full[name] - micro[name]).abs().max() / scale <= 1e-4, name
+    a, b = (metrics(Path(config.out)) for config, _ in accumulated.values())
+    assert [m["windows"] for m in a] == [m["windows"] for m in b]
+    for x, y in zip(a, b, strict=True):  # grad_norm: the accumulated gradient is the mean, not the sum
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+    with pytest.raises(PlanError, match=r"micro_batch_size: 3 does not divide batch_size 2"):
+        parse_stages([{"kind": "kd", "tokens": 1000, "batch_size": 2, "micro_batch_size": 3}], "recipe.yaml")
+
+
+KILLED_MID_ACCUMULATION = """
+import json, os, signal, sys
+import lt2convert.distill.train as t
+from lt2convert.distill.recipe import stage_from_settings
+original, calls = t.STEPS["kd"], []
+def dying(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == int(sys.argv[2]):  # after the first of a step's micro-batches: killed mid-accumulation
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(*args, **kwargs)
+t.STEPS["kd"] = dying
+settings = json.loads(sys.argv[1])
+settings["stages"] = [stage_from_settings(s) for s in settings["stages"]]
+t.distill(t.DistillConfig(**settings))
+"""
+
+
+def test_resume_mid_accumulation_is_exact(accumulated, tmp_path):
+    config, reference = accumulated["micro"]
+    config = replace(config, out=str(tmp_path / "run"))
+    kill_at = 5 * 2 + 2  # kd step 6, second micro-batch; the last checkpoint is at step 3
+    killed = subprocess.run([sys.executable, "-c", KILLED_MID_ACCUMULATION, json.dumps(config.settings()),
+                             str(kill_at)], timeout=300)
+    assert killed.returncode == -9
+    done = [c.name for c in checkpoints(tmp_path / "run" / "checkpoints" / "1-kd")]
+    assert done == ["step-00000003"] and len([m for m in metrics(tmp_path / "run") if m["stage"] == "kd"]) == 5
+    result = distill(config, resume=True)
+    a, b = load_file(reference.final / "model.safetensors"), load_file(result.final / "model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+    keys = ("stage", "windows", "loss", "lr", "grad_norm")
+    assert [[m[k] for k in keys] for m in metrics(Path(accumulated["micro"][0].out))] == [
+        [m[k] for k in keys] for m in metrics(tmp_path / "run")
+    ]
+
+
+class RecordingTracker:
+    """Stands in for accelerate's TensorBoard tracker (tensorboard itself is optional)."""
+
+    instances: list[RecordingTracker] = []
+
+    def __init__(self, run_name, logging_dir):
+        self.run_name, self.logging_dir, self.logged, self.events = run_name, logging_dir, [], []
+        RecordingTracker.instances.append(self)
+
+    def start(self):
+        self.events.append("start")
+
+    def store_init_configuration(self, values):
+        self.hparams = values
+
+    def log(self, values, step=None):
+        self.logged.append((step, values))
+
+    def finish(self):
+        self.events.append("finish")
+
+
+def test_log_with_feeds_accelerate_trackers_and_skips_missing_ones(tiny, monkeypatch):
+    import accelerate.tracking
+    import accelerate.utils
+
+    monkeypatch.setitem(accelerate.tracking.LOGGER_TYPE_TO_CLASS, "tensorboard", RecordingTracker)
+    monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: True)
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
+    run = tiny["root"] / "run-tracked"
+    config = replace(tiny["config"], out=str(run), stages=[replace(ALIGN, tokens=3 * BATCH * SEQ)],
+                     log_with=["tensorboard", "wandb"])
+    with pytest.warns(UserWarning, match="wandb is not installed"):
+        distill(config)
+    (tracker,) = RecordingTracker.instances
+    assert tracker.events == ["start", "finish"] and tracker.logging_dir == str(run / "trackers")
+    assert tracker.hparams["stages.0.lr"] == ALIGN.lr and tracker.hparams["precision"] == config.precision
+    lines = metrics(run)
+    assert [step for step, _ in tracker.logged] == [m["tokens"] for m in lines]
+    assert [values["align/loss"] for _, values in tracker.logged] == [m["loss"] for m in lines]
+    assert "log_with" not in json.loads((run / "run.json").read_text())  # a resume may log elsewhere
+    with pytest.raises(ValueError, match="log_with: unknown tracker 'mlflow'"):
+        replace(config, log_with=["mlflow"])
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tiny):
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     grads = []
@@ -344,7 +501,7 @@ def test_two_processes_follow_the_single_process_run(tiny, tmp_path):
     )
     common = [
         "distill", tiny["student"], "--teacher", tiny["teacher"], "--recipe", recipe, "--tokenizer", "bytes",
-        "--data", tiny["root"] / "train.txt", "--no-progress",
+        "--data", tiny["root"] / "train.txt", "--no-progress", "--precision", "fp32",  # bf16 rounds per split
     ]
     one = CliRunner().invoke(main, [*map(str, common), "-o", str(tmp_path / "one")])
     assert one.exit_code == 0, one.output
@@ -399,3 +556,79 @@ def test_bad_input_fails_clearly_and_writes_nothing(tiny, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
     no_resume = CliRunner().invoke(main, [*map(str, base), "--data", str(tiny["root"] / "train.txt"), "-o", str(run)])
     assert no_resume.exit_code == 1 and "pass --resume" in no_resume.output
+
+
+def test_failed_input_checks_leave_no_run_folder(tiny, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("abc")
+    (tmp_path / "binary.txt").write_bytes(b"text\0\x01\x02" * 64)
+    base = ["distill", str(tiny["student"]), "--teacher", str(tiny["teacher"]), "--recipe", "tiny", "--no-progress"]
+    cases = {
+        "missing.txt": ("bytes", r"missing\.txt: training text file not found"),
+        "empty.txt": ("bytes", r"empty\.txt: no text"),
+        "binary.txt": ("bytes", r"binary\.txt: contains NUL bytes"),
+        "short.txt": ("bytes", r"short\.txt: 3 tokens in all, fewer than one window"),
+        # the tiny student has no tokenizer files: named, instead of transformers' cut-off list of classes
+        "train.txt": ("student", rf"{tiny['student'].name}: the student has no tokenizer"),
+    }
+    for name, (tokenizer, message) in cases.items():
+        data = tiny["root"] / name if name == "train.txt" else tmp_path / name
+        out = tmp_path / f"run-{name}"
+        result = CliRunner().invoke(main, [*base, "--tokenizer", tokenizer, "--data", str(data), "-o", str(out)])
+        assert result.exit_code == 1, result.output
+        assert len(result.output.strip().splitlines()) == 1 and re.search(message, result.output), result.output
+        assert not out.exists(), name  # no run.json to trip a corrected rerun
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["binary.txt", "empty.txt", "short.txt"]
+
+
+def test_run_json_stores_absolute_paths_for_resume_from_elsewhere(tiny, tmp_path, monkeypatch):
+    from lt2convert.distill.train import config_from_run
+    from lt2convert.io.writer import write_json
+
+    monkeypatch.chdir(tiny["root"])
+    config = DistillConfig(teacher="teacher", student="student", data=["train.txt", "hf:some/set"],
+                           out="run-rel", stages=[ALIGN], tokenizer="bytes")
+    run = tmp_path / "moved-run"
+    run.mkdir()
+    write_json(run / "run.json", config.settings())
+    monkeypatch.chdir(tmp_path)  # another working directory, and the run folder moved
+    again = config_from_run(run)
+    assert again.teacher == str(tiny["teacher"]) and again.student == str(tiny["student"])
+    assert again.data == [str(tiny["root"] / "train.txt"), "hf:some/set"] and again.out == str(run)
+    assert train_module.check_run_folder(run, again, resume=True) is False  # same settings: resumable
+
+
+def test_resume_falls_back_from_a_damaged_checkpoint(tiny, recwarn):
+    from lt2convert.io.checkpoint import CheckpointError
+
+    run = tiny["root"] / "run-damaged"
+    config = replace(tiny["config"], out=str(run), stages=[ALIGN])
+    distill(config)
+    kept = checkpoints(run / "checkpoints" / "0-align")
+    assert [c.name for c in kept] == ["step-00000018", "step-00000020"]
+
+    def damage(checkpoint: Path) -> None:  # what a disk-full or a kill during the write leaves
+        path = checkpoint / "trainable.safetensors"
+        path.write_bytes(path.read_bytes()[:100])
+
+    def forget_the_finished_stage() -> None:
+        import shutil
+
+        shutil.rmtree(run / "stages")
+        shutil.rmtree(run / "final")
+
+    forget_the_finished_stage()
+    damage(kept[-1])
+    result = distill(config, resume=True)
+    warned = [str(w.message) for w in recwarn if "damaged checkpoint" in str(w.message)]
+    assert len(warned) == 1 and str(kept[-1]) in warned[0] and f"resuming from {kept[0]}" in warned[0]
+    a, b = load_file(tiny["result"].stages[0] / "model.safetensors"), load_file(result.stages[0] / "model.safetensors")
+    assert all(torch.equal(a[n], b[n]) for n in a)  # steps 19-20 replayed from step 18 exactly
+
+    forget_the_finished_stage()
+    for checkpoint in checkpoints(run / "checkpoints" / "0-align"):
+        damage(checkpoint)
+    with pytest.raises(CheckpointError, match=r"step-00000020: damaged .*truncated.* no earlier checkpoint"):
+        distill(config, resume=True)
+    cli = CliRunner().invoke(main, ["distill", "--resume", "--no-progress", "-o", str(run)])
+    assert cli.exit_code == 1 and len(cli.output.strip().splitlines()) == 1 and "step-00000020" in cli.output

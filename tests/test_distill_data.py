@@ -296,3 +296,68 @@ def test_tokenizer_fingerprint_and_mismatch_errors():
         assert tokenizer_fingerprint(student) != fingerprint
         with pytest.raises(DataError, match=message):
             check_same_tokenizer(teacher, student, "T", "S")
+
+
+def bpe_tokenizer(merges: list[tuple[str, str]], lowercase: bool = False):
+    """A byte-pair tokenizer over a fixed vocabulary: only the merges (or the normaliser) differ between calls."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(["[UNK]", "</s>", "a", "b", "c", "ab", "bc"])}
+    backend = Tokenizer(models.BPE(vocab, merges, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    if lowercase:
+        backend.normalizer = normalizers.Lowercase()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>")
+
+
+def test_same_vocabulary_with_other_merges_or_normaliser_is_a_mismatch():
+    teacher = bpe_tokenizer([("a", "b")])
+    other_merges = bpe_tokenizer([("b", "c")])
+    assert teacher.get_vocab() == other_merges.get_vocab()
+    assert hf_encode(teacher)("abc") != hf_encode(other_merges)("abc")  # the same text, other ids
+    check_same_tokenizer(teacher, bpe_tokenizer([("a", "b")]), "T", "S")  # no error
+    with pytest.raises(DataError, match=r"same vocabulary but a different tokenizer model \(type, merges"):
+        check_same_tokenizer(teacher, other_merges, "T", "S")
+    with pytest.raises(DataError, match=r"same vocabulary but a different normalizer"):
+        check_same_tokenizer(teacher, bpe_tokenizer([("a", "b")], lowercase=True), "T", "S")
+
+
+def test_text_file_check_names_the_file(tmp_path):
+    from lt2convert.distill.data import read_text_file
+
+    (tmp_path / "blob.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    (tmp_path / "blank.txt").write_text("  \n")
+    for name, message in {"blob.txt": "not UTF-8 text", "blank.txt": "no text", "nope.txt": "text not found"}.items():
+        with pytest.raises(DataError, match=rf"{name}: {message}"):
+            read_text_file(tmp_path / name, "text")
+
+
+def test_batched_tokenisation_gives_the_same_ids(tmp_path, monkeypatch):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [f"the {i}th loop step mixes state {i * 7} times; décalage ünïcode {'x' * (i % 5)}" for i in range(40)]
+    backend = Tokenizer(models.BPE(unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel()
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]", "</s>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>")
+    tokenizer.backend_tokenizer.enable_truncation(8)  # a call-time setting: the batched path must ignore it
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    encode = hf_encode(tokenizer)
+    batches = []
+    original = encode.batch
+    monkeypatch.setattr(encode, "batch", lambda docs: batches.append(len(docs)) or original(docs))
+    monkeypatch.setattr(data_module, "BATCH_DOCUMENTS", 16)
+
+    def one_by_one(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+
+    eos = tokenizer.eos_token_id
+    expected = load_token_ids([str(source)], one_by_one, eos)
+    assert len(expected) > 40 * 8  # documents longer than the truncation length
+    assert torch.equal(load_token_ids([str(source)], encode, eos), expected) and batches == [16, 16, 8]
+    capped = load_token_ids([str(source)], encode, eos, max_tokens=50)
+    assert torch.equal(capped, expected[:50])
+    assert [encode(t) for t in texts[:3]] == encode.batch(texts[:3]) == [one_by_one(t) for t in texts[:3]]

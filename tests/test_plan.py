@@ -99,7 +99,7 @@ def test_gdn_parameters_follow_fla_shapes():
 
 def test_decode_speedups_printed_with_assumptions():
     """The figures docs/cost-model.md quotes (Ouro-1.4B, H100, batch 8, bf16)."""
-    full_gdn = plan_json("ouro-1.4b", "--device", "h100")["cost"]["decode_speedup"]
+    full_gdn = plan_json("ouro-1.4b", "--hardware", "h100")["cost"]["decode_speedup"]
     gdn_dsa = plan_json("ouro-1.4b", "--recipe", "ouro-1.4b-gdn-dsa")["cost"]["decode_speedup"]
     assert full_gdn == {"8192": pytest.approx(2.97, abs=0.01), "32768": pytest.approx(4.65, abs=0.01)}
     assert gdn_dsa == {"8192": pytest.approx(2.87, abs=0.01), "32768": pytest.approx(6.94, abs=0.01)}
@@ -117,7 +117,7 @@ def test_small_indexer_speedup(tmp_path):
 
 
 def test_decode_projection_options():
-    report = plan_json("ouro-1.4b", "--device", "cpu", "--batch", "1", "--context", "4K", "--context", "64k")
+    report = plan_json("ouro-1.4b", "--hardware", "cpu", "--batch-size", "1", "--contexts", "4K,64k")
     cost = report["cost"]
     assert cost["assumptions"]["contexts"] == [4096, 65536] and cost["assumptions"]["batch"] == 1
     assert set(cost["source"]["decode"]) == {"4096", "65536"}
@@ -138,7 +138,7 @@ def test_roofline_is_memory_bound_at_small_batch():
 
 def test_plan_file_written_atomically_and_round_trips(tmp_path):
     target = tmp_path / "plan.yaml"
-    target.write_text("old")
+    target.write_text("# lt2convert plan (an earlier one, replaced)\n")
     report = plan_json("ouro-1.4b", "--recipe", "ouro-1.4b-gdn-dsa", "-o", str(target))
     assert report["plan_file"] == str(target)
     assert [p.name for p in tmp_path.iterdir()] == ["plan.yaml"]  # no temporary file left behind
@@ -179,6 +179,28 @@ def test_explicit_layers_and_named_mixes():
                                              "layers": {"3": "swa", "5": "full_attention"}}}
     swa = plan_json("ouro-1.4b", "--mix", "all-swa")
     assert {m["mixer"] for m in swa["layers"]} == {"swa"} and swa["mixers"] == {"swa": {"window": 2048}}
+
+
+def test_swa_gdn_plan_records_the_window_and_gdn_settings(tmp_path):
+    recipe, target = tmp_path / "recipe.yaml", tmp_path / "plan.yaml"
+    recipe.write_text("plan:\n  mix: full_attention:1,swa_gdn:3\n  mixers:\n    swa: {window: 128}\n")
+    report = plan_json("smollm2-135m", "--recipe", str(recipe), "-o", str(target))
+    layers = [m["mixer"] for m in report["layers"]]
+    assert full_layers(layers) == list(range(3, 30, 4)) and layers.count("swa_gdn") == 23
+    assert report["mixers"]["swa"] == {"window": 128} and report["mixers"]["gdn"]["num_heads"] == 9
+    config = plan_to_config(read_plan(target), load_config("smollm2-135m")[0])
+    assert config.swa_window == 128 and config.gdn_head_k_dim == config.head_dim
+    cost = report["cost"]["plan"]
+    assert cost["mixer_layers"]["swa_gdn"] == 23 and cost["params_by_component"]["mixer:swa_gdn"] > 0
+    # Its cache is SWA's window plus the GDN state, whatever the context.
+    windowed = plan_json("smollm2-135m", "--recipe", str(recipe), "--mix", "full_attention:1,swa:3")["cost"]["plan"]
+    assert cost["cache_fixed_bytes"] > 0 and cost["cache_bytes_per_token"] == windowed["cache_bytes_per_token"]
+    for context, size in cost["cache_bytes_at_context"].items():
+        assert size == windowed["cache_bytes_at_context"][context] + cost["cache_fixed_bytes"]
+    data = yaml.safe_load(target.read_text())
+    del data["mixers"]["gdn"]
+    target.write_text(yaml.safe_dump(data))
+    assert "mixers.gdn: missing (layers use swa_gdn)" in one_line_error("smollm2-135m", "--plan", str(target))
 
 
 def test_every_shipped_recipe_plans_its_source(tmp_path):
@@ -332,6 +354,19 @@ def test_conflicting_options():
     assert "cannot be combined" in one_line_error("ouro-1.4b", "--plan", __file__, "--mix", "gdn:1")
     assert "needs --layers" in one_line_error("ouro-1.4b", "--placement", "explicit")
     assert "no such recipe" in one_line_error("ouro-1.4b", "--recipe", "nope")
-    assert "--batch must be > 0" in one_line_error("ouro-1.4b", "--batch", "0")
+    assert "--batch-size must be > 0" in one_line_error("ouro-1.4b", "--batch-size", "0")
     with pytest.raises(ValueError, match="--gbps must be > 0"):
         hardware("h100", gbps=-1)
+
+
+def test_plan_output_replaces_only_an_earlier_plan(tmp_path):
+    source = write_checkpoint(tmp_path / "src", ouro_config())
+    config_text = (source / "config.json").read_text()
+    error = one_line_error(str(source), "--recipe", "tiny", "-o", str(source / "config.json"))
+    assert "config.json: exists and is not a plan file written by lt2convert" in error
+    assert (source / "config.json").read_text() == config_text  # the checkpoint still loads
+    plan_file = tmp_path / "plan.yaml"
+    plan_json(str(source), "--recipe", "tiny", "-o", str(plan_file))
+    plan_json(str(source), "--recipe", "tiny", "--mix", "all-gdn", "-o", str(plan_file))  # ours: replaced
+    assert set(read_plan(plan_file).layer_types) == {"gdn"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.yaml", "src"]

@@ -1,5 +1,6 @@
-"""`report`: the leaderboard compares only matching task/shots/metric/filter, the HTML is self-contained, and it
-renders in a headless browser (skipped when /usr/bin/chromium is absent; scripts/test.sh installs it)."""
+"""`report`: the leaderboard compares only matching task/shots/metric/filter, the headline compares each student
+with its teacher, the HTML is self-contained with its plots (score bars even without a bench), and it renders in a
+headless browser (skipped when /usr/bin/chromium is absent; scripts/test.sh installs it)."""
 
 import json
 import re
@@ -11,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from lt2convert.cli import main
-from lt2convert.report import report
+from lt2convert.report import crossover, report
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 
@@ -77,6 +78,13 @@ def inputs(tmp_path):
         "gsm8k_cot": (3, {"exact_match,strict-match": 0.55, "exact_match,flexible-extract": 0.57}, 0.013),
         "piqa": (0, {"acc,none": 0.74}, 0.01),
     })))
+    teacher = tmp_path / "evals" / "ouro-1.4b"
+    teacher.mkdir()
+    (teacher / "results_2026-11-29T09-00-00.json").write_text(json.dumps(lm_eval_results("./ouro-1.4b", {
+        "hellaswag": (0, {"acc,none": 0.55, "acc_norm,none": 0.66}, 0.004),
+        "gsm8k_cot": (3, {"exact_match,strict-match": 0.60, "exact_match,flexible-extract": 0.62}, 0.013),
+        "piqa": (0, {"acc,none": 0.75}, 0.01),
+    })))
     other = tmp_path / "other.json"
     other.write_text(json.dumps(lm_eval_results("HuggingFaceTB/SmolLM2-1.7B", {
         "arc_challenge": (25, {"acc,none": 0.50, "acc_norm,none": 0.53}, 0.014),
@@ -87,85 +95,171 @@ def inputs(tmp_path):
     return tmp_path / "evals", other, bench
 
 
-def row(md: str, name: str) -> list[str]:
-    line = next(line for line in md.splitlines() if line.startswith(f"| {name} |"))
-    return [c.strip() for c in line.strip("|").split("|")]
+def md_rows(md: str, first: str) -> list[list[str]]:
+    """The rows of the Markdown table whose header starts with `first`, header first."""
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first} |"))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        if not line.startswith("|---"):
+            rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def cell(md: str, benchmark: str, model: str) -> str:
+    """The leaderboard's number for a benchmark row (its header, e.g. 'ARC-C ‡') and a model column."""
+    header, *rows = md_rows(md, "group")
+    row = next(r for r in rows if r[1] == benchmark)
+    return row[header.index(model)]
+
+
+def benchmarks(md: str) -> list[str]:
+    return [r[1] for r in md_rows(md, "group")[1:]]
 
 
 def test_leaderboard_compares_only_matching_cells(inputs, tmp_path):
     folder, other, bench = inputs
     out = report([folder, other], baselines="ouro-paper", bench=[bench], output=tmp_path / "report")
     md = (out / "leaderboard.md").read_text()
-    header = [c.strip() for c in next(ln for ln in md.splitlines() if ln.startswith("| model |")).strip("|").split("|")]
-    ours = row(md, "./ouro-hybrid")
-    arc = header.index("ARC-C ‡")  # baseline column; ‡: the paper does not say acc or acc_norm
-    assert ours[arc] == "61.23 ± 1.40"  # 25-shot acc_norm goes into the baseline column
-    assert row(md, "Ouro 1.4B (T=4)")[arc] == "60.92"
-    assert row(md, "Ouro 2.6B (T=4)")[arc] == "**66.40**"  # best of the comparable column
+    # baseline row; ‡: the paper does not say acc or acc_norm; 25-shot acc_norm goes into the baseline row
+    assert cell(md, "ARC-C ‡", "./ouro-hybrid") == "61.23 ± 1.40"
+    assert cell(md, "ARC-C ‡", "Ouro 1.4B (T=4)") == "60.92"
+    assert cell(md, "ARC-C ‡", "Ouro 2.6B (T=4)") == "**66.40**"  # best of the comparable row
     assert "- ./ouro-hybrid — ARC-C [arc_challenge, 25-shot, acc_norm]" in md
     # 10 baselines + ours + SmolLM2's 25-shot acc_norm; "beats" counts baselines only (SmolLM2 is another run).
     assert "61.23, rank 3 of 12, beats 8 baseline(s); next above: Qwen3 4B 63.65" in md
     # 25-shot acc is another metric: its own, flagged column.
     assert "metric acc, the baseline's is acc_norm" in md
     # 0-shot HellaSwag is not placed in the 10-shot baseline column and is flagged.
-    hs = header.index("HellaSwag ‡")
-    assert ours[hs] == "—"
-    assert "HellaSwag (hellaswag) †" in header
+    assert cell(md, "HellaSwag ‡", "./ouro-hybrid") == "—"
+    assert "HellaSwag (hellaswag) †" in benchmarks(md)
     assert "0-shot, not comparable to the 10-shot baseline" in md
     # gsm8k_cot strict-match is the paper's GSM8K; flexible-extract and the plain gsm8k task are not.
-    gsm = header.index("GSM8K")
-    assert ours[gsm] == "55.00 ± 1.30"
+    assert cell(md, "GSM8K", "./ouro-hybrid") == "55.00 ± 1.30"
     assert "filter flexible-extract, the baseline's is strict-match" in md
     assert "task gsm8k is not the prompt of the GSM8K baseline (gsm8k_cot)" in md
-    plain = [i for i, h in enumerate(header) if h.startswith("GSM8K (gsm8k) †")]
-    assert plain and all(ours[i] != "—" for i in plain) and all(row(md, "Qwen3 4B")[i] == "—" for i in plain)
-    # A task the paper lacks gets its own column; both lm-eval models share it.
-    piqa = header.index("piqa")
-    assert ours[piqa] == "74.00 ± 1.00" and row(md, "HuggingFaceTB/SmolLM2-1.7B")[piqa] == "77.00 ± 1.00"
+    header, *rows = md_rows(md, "group")
+    plain = [r for r in rows if r[1].startswith("GSM8K (gsm8k) †")]
+    assert plain and all(r[header.index("./ouro-hybrid")] != "—" and r[header.index("Qwen3 4B")] == "—" for r in plain)
+    # A task the paper lacks gets its own row; both lm-eval models share it.
+    assert cell(md, "piqa", "./ouro-hybrid") == "74.00 ± 1.00"
+    assert cell(md, "piqa", "HuggingFaceTB/SmolLM2-1.7B") == "77.00 ± 1.00"
     assert "arXiv 2510.25741" in md and "Table 7" in md
 
 
-def test_html_self_contained_with_plots(inputs, tmp_path):
+@pytest.fixture
+def distill_run(tmp_path):
+    """A distill run folder as the trainer lays it out: run.json (the stages and their kinds), metrics.jsonl."""
+    run = tmp_path / "distill"
+    run.mkdir()
+    stages = [{"name": "align", "kind": "align"}, {"name": "kd", "kind": "kd"}, {"name": "kd-long", "kind": "kd"}]
+    (run / "run.json").write_text(json.dumps({"stages": stages}))
+    lines = [json.dumps({"stage": stage["name"], "step": step, "tokens": 512 * step, "loss": 4.0 / step})
+             for stage in stages for step in range(1, 31)]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return run
+
+
+def images_in(page: str) -> list[str]:
+    return sorted(re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,', page))
+
+
+def test_html_self_contained_with_plots(inputs, distill_run, tmp_path):
     folder, other, bench = inputs
-    out = report([folder, other], bench=[bench], output=tmp_path / "report")
+    out = report([folder, other], bench=[bench], output=tmp_path / "report", runs=[distill_run],
+                 teacher="./ouro-1.4b")
     page = (out / "index.html").read_text()
     refs = re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)["']""", page)
     assert all(r.startswith("data:image/png;base64,") or r == "https://arxiv.org/abs/2510.25741" for r in refs), refs
     assert "<link" not in page and "<script" not in page and "@import" not in page and "url(" not in page
-    images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,', page)
-    assert sorted(images) == ["cache_memory_vs_context", "decode_speed_vs_context", "quality_vs_decode_speed"]
+    assert images_in(page) == ["cache_memory_vs_context", "decode_speed_vs_context", "quality_vs_decode_speed",
+                               "scores_by_task", "training_curves"]
     assert '<table id="leaderboard">' in page and "<style>" in page
+    assert page.index('class="card"') < page.index('alt="scores_by_task"') < page.index('id="leaderboard"')
     # Atomic replace: a second run over the same folder leaves one complete report and no temporary folders.
     report([other], output=out)
     assert "./ouro-hybrid" not in (out / "leaderboard.md").read_text()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "evals", "other.json", "report"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "distill", "evals", "other.json", "report"]
 
 
-def test_report_cli(inputs, tmp_path):
+def test_report_from_results_alone_has_score_plots(inputs, tmp_path):
+    folder, other, _ = inputs
+    out = report([folder, other], baselines="none", output=tmp_path / "report", teacher="./ouro-1.4b")
+    page = (out / "index.html").read_text()
+    assert images_in(page) == ["scores_by_task"]
+    md = (out / "leaderboard.md").read_text()
+    assert "## Speed" not in md and "## ./ouro-hybrid vs ./ouro-1.4b" in md
+
+
+def test_headline_quality_score_and_speed_table(inputs, tmp_path):
     folder, other, bench = inputs
-    result = CliRunner().invoke(main, ["report", str(folder), str(other), "--bench", str(bench), "-o",
-                                       str(tmp_path / "r")])
+    md = (report([folder, other], bench=[bench], output=tmp_path / "r", teacher="./ouro-1.4b")
+          / "leaderboard.md").read_text()
+    # Quality kept per task on the primary metric (piqa acc, hellaswag acc_norm 0-shot, gsm8k_cot strict-match);
+    # arc_challenge and plain gsm8k have no teacher number and are left out.
+    kept = [74 / 75, 70.1 / 66, 55 / 60]
+    assert f"keeps {100 * sum(kept) / 3:.0f}% of the teacher's quality (quality score over 3 task(s))" in md
+    student = md_rows(md, "task")
+    assert student[0] == ["task", "metric", "./ouro-1.4b", "./ouro-hybrid", "change"]
+    assert ["piqa", "acc ↑", "75.00", "74.00", f"-1.00, {100 * 74 / 75:.0f}% kept"] in student
+    # Speed from the bench: the ratio and cache at the longest context, and where the student gets faster.
+    speedup = 125.0 / 22.0
+    assert f"decodes {speedup:.2f}× the teacher's speed at 8,192 tokens" in md
+    assert "8.0× less cache at 8,192 tokens" in md
+    assert "faster at every benched context (from 1,024 tokens)" in md
+    header, *rows = md_rows(md, "measure")
+    assert header == ["measure", "./ouro-1.4b", "./ouro-hybrid", "./ouro-hybrid ÷ ./ouro-1.4b"]
+    assert ["decode tokens/s at 8,192", "22.00", "125.00", f"{speedup:.2f}×"] in rows
+    assert ["cache at 8,192", "2.00 GiB", "256.00 MiB", f"{2**28 / 2**31:.2f}×"] in rows
+
+
+def test_crossover_is_interpolated_on_log_axes():
+    at, text = crossover([(1024, 0.5), (4096, 2.0), (16384, 4.0)])
+    assert at == pytest.approx(2048) and "between 1,024 and 4,096" in text
+    assert crossover([(1024, 0.5), (32768, 0.9)]) == (None, "not faster up to 32,768 tokens (0.90× the teacher's "
+                                                            "speed there)")
+    assert crossover([(1024, 1.5)])[0] == 1024
+
+
+def test_training_curves_need_metrics(distill_run, tmp_path):
+    with open(distill_run / "metrics.jsonl", "a") as handle:
+        handle.write("{not json\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl:91: not a distill metrics record"):
+        report([], baselines="ouro-paper", runs=[distill_run], output=tmp_path / "r")
+    with pytest.raises(ValueError, match="no metrics.jsonl"):
+        report([], baselines="ouro-paper", runs=[tmp_path], output=tmp_path / "r")
+
+
+def test_report_cli(inputs, distill_run, tmp_path):
+    folder, other, bench = inputs
+    result = CliRunner().invoke(main, ["report", str(folder), str(other), "--bench", str(bench), "--runs",
+                                       str(distill_run), "--teacher", "./ouro-1.4b", "-o", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "r" / "index.html").is_file()
+    assert "training_curves" in images_in((tmp_path / "r" / "index.html").read_text())
+    wrong = CliRunner().invoke(main, ["report", str(other), "--teacher", "nobody", "-o", str(tmp_path / "y")])
+    assert wrong.exit_code == 1 and "--teacher 'nobody': no results for that model" in wrong.output
     bad = CliRunner().invoke(main, ["report", str(other), "--baselines", "nope", "-o", str(tmp_path / "x")])
     assert bad.exit_code == 1 and "unknown baselines 'nope'" in bad.output and not (tmp_path / "x").exists()
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium (scripts/test.sh installs it with apt-get when it can)")
-def test_html_renders_in_headless_chromium(inputs, tmp_path):
+def test_html_renders_in_headless_chromium(inputs, distill_run, tmp_path):
     folder, other, bench = inputs
-    out = report([folder, other], bench=[bench], output=tmp_path / "report")
+    out = report([folder, other], bench=[bench], output=tmp_path / "report", runs=[distill_run],
+                 teacher="./ouro-1.4b")
     flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
              f"--user-data-dir={tmp_path / 'profile'}"]
     url = (out / "index.html").resolve().as_uri()
     shot = tmp_path / "shot.png"
-    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1200,2000", url], capture_output=True,
+    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1400,2400", url], capture_output=True,
                    timeout=120, check=False)
     assert shot.is_file() and shot.stat().st_size > 20_000, "chromium wrote no (or an empty) screenshot"
     dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=False).stdout
     assert '<table id="leaderboard">' in dom and "Ouro 1.4B (T=4)" in dom
-    assert dom.count('src="data:image/png;base64,') == 3
+    assert dom.count('src="data:image/png;base64,') == 5
 
 
 def test_real_bench_json(inputs, tmp_path):
@@ -179,6 +273,29 @@ def test_real_bench_json(inputs, tmp_path):
     path = tmp_path / "real-bench.json"
     path.write_text(json.dumps(measured))
     folder, _, _ = inputs
-    page = (report([folder], bench=[path], output=tmp_path / "r") / "index.html").read_text()
-    assert sorted(re.findall(r'<img alt="([^"]+)"', page)) == [
-        "cache_memory_vs_context", "decode_speed_vs_context", "quality_vs_decode_speed"]
+    page = (report([folder], bench=[path], output=tmp_path / "r", teacher="./ouro-1.4b") / "index.html").read_text()
+    # the teacher was not benched: speed and cache plots, no speed headline and no quality-vs-speed point
+    assert images_in(page) == ["cache_memory_vs_context", "decode_speed_vs_context", "scores_by_task"]
+
+
+def test_report_output_policy_and_non_utf8_input(inputs, tmp_path, monkeypatch):
+    folder, other, _ = inputs
+    mine = tmp_path / "site"
+    mine.mkdir()
+    (mine / "index.html").write_text("my homepage")  # an index.html alone does not make a report folder
+    refused = CliRunner().invoke(main, ["report", str(other), "--baselines", "none", "-o", str(mine)])
+    assert refused.exit_code == 1 and "site: exists and is not an earlier report folder" in refused.output
+    assert (mine / "index.html").read_text() == "my homepage"
+    out = tmp_path / "r"
+    for _ in range(2):  # the second run replaces the first (its marker)
+        done = CliRunner().invoke(main, ["report", str(other), "--baselines", "none", "-o", str(out)])
+        assert done.exit_code == 0, done.output
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes('{"results": {"caf\xe9": {}}}'.encode("latin-1"))
+    bad = CliRunner().invoke(main, ["report", str(latin1), "--baselines", "none", "-o", str(tmp_path / "x")])
+    assert bad.exit_code == 1 and len(bad.output.strip().splitlines()) == 1
+    assert "latin1.json: not UTF-8 text" in bad.output and not (tmp_path / "x").exists()
+    monkeypatch.chdir(out)
+    here = CliRunner().invoke(main, ["report", str(other), "--baselines", "none", "-o", "."])
+    assert here.exit_code == 1 and "current directory" in here.output and (out / "leaderboard.md").is_file()
+    assert not list(tmp_path.glob(".*"))  # no staging folder left anywhere

@@ -221,3 +221,65 @@ def test_auto_classes_resolve_ouro_without_remote_code(ouro_dir, ouro_model):
     ids = torch.tensor([[3, 1, 4, 1, 5]])
     with torch.no_grad():
         assert torch.equal(auto(ids).logits, ouro_model(ids).logits)
+
+
+def classic_decode_logits(model, ids: torch.Tensor, prefill: int) -> torch.Tensor:
+    """The decoding loop written the pre-transformers-5 way: prefill, then one token at a time, `past_key_values`."""
+    out = model(ids[:, :prefill], use_cache=True)
+    pieces, past = [out.logits], out.past_key_values
+    for t in range(prefill, ids.shape[1]):
+        out = model(ids[:, t : t + 1], past_key_values=past, use_cache=True)
+        pieces.append(out.logits)
+        past = out.past_key_values
+    return torch.cat(pieces, dim=1)
+
+
+def test_classic_past_key_values_loop_equals_full_forward(ouro_model):
+    ids = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        full = ouro_model(ids, use_cache=False).logits
+        with pytest.warns(FutureWarning, match="`past_key_values` is deprecated"):
+            stepped = classic_decode_logits(ouro_model, ids, prefill=4)
+    assert (stepped - full).abs().max().item() <= FP32_TOL
+
+
+def test_unknown_keyword_is_a_type_error(ouro_model):
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(TypeError, match="foo"):
+        ouro_model(ids, foo=1)
+
+
+def test_foreign_cache_object_is_refused(ouro_model):
+    from transformers import DynamicCache
+
+    with pytest.raises(TypeError, match="LoopedCache"):
+        ouro_model(torch.tensor([[1, 2, 3]]), cache=DynamicCache())
+
+
+def test_return_dict_false_gives_a_tuple(ouro_model):
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        as_tuple = ouro_model(ids, use_cache=False, return_dict=False)
+        as_output = ouro_model(ids, use_cache=False)
+    assert isinstance(as_tuple, tuple)
+    assert torch.equal(as_tuple[0], as_output.logits)
+
+
+def test_import_is_light_and_registers_when_transformers_loads_auto_classes(ouro_dir):
+    """`import lt2convert` imports neither torch nor transformers, yet the Auto classes know ouro/lt2 afterwards,
+    including when transformers first loads them from inside one of its own modules (modeling_layers does)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+import lt2convert
+assert "torch" not in sys.modules and "transformers" not in sys.modules, "heavy import at import lt2convert"
+import transformers.modeling_layers  # loads the Auto classes while modeling_layers is half-imported
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(ouro_dir)!r})
+print(type(model).__name__)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "OuroForCausalLM"

@@ -128,3 +128,70 @@ def passkey_rows(length: int, num_docs: int = 50, seed: int = 1234) -> list[dict
 
 def passkey(length: int, num_docs: int = 50, seed: int = 1234, **_ignored):
     return _dataset(passkey_rows(length, num_docs, seed))
+
+
+# Held-out perplexity on text from domains that no training data covers (assets `jargon`, `devils-dictionary`).
+# The same text is scored at every window: a span of `span_tokens` tokens is cut into pieces of at most `window`
+# tokens, one document each, so a model whose max_length is >= window scores each piece as one window (lm-eval's
+# rolling log-likelihood cuts documents at the model's max_length, not at a task setting). Tokens are counted in
+# the SmolLM2 / Ouro tokenizer, read from the `smollm2-135m` asset.
+
+
+def _asset_text(asset: str, file: str = "heldout.txt") -> str:
+    path = _cache_dir() / asset / file
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"asset {asset!r} is not in the cache ({path} missing); run `lt2convert fetch-asset {asset}`"
+        )
+    return path.read_text(encoding="utf-8")
+
+
+def _count_tokenizer():
+    path = _cache_dir() / "smollm2-135m" / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"asset 'smollm2-135m' is not in the cache ({path} missing; its tokenizer counts the window tokens); "
+            "run `lt2convert fetch-asset smollm2-135m`"
+        )
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
+
+
+def window_rows(
+    asset: str, window: int, span_tokens: int = 8192, num_spans: int = 1, skip_chars: int = 0
+) -> list[dict]:
+    """`num_spans` consecutive spans of `span_tokens` tokens from `asset`'s heldout.txt (after `skip_chars`),
+    each cut into consecutive pieces of about `window` tokens, so every window scores the same text. A cut moves
+    back to the nearest token that starts a word (a piece then tokenises on its own as it did in place), so a
+    piece can be a few tokens longer or shorter than `window`; a span's last piece never ends past the span."""
+    if window < 1 or span_tokens % window:
+        raise ValueError(f"window {window} must divide span_tokens {span_tokens}")
+    text = _asset_text(asset)[skip_chars:]
+    need = num_spans * span_tokens
+    encoding = _count_tokenizer().encode(text[: need * 8], add_special_tokens=False)  # ~4 chars a token
+    if len(encoding.ids) < need + 1:
+        raise ValueError(f"asset {asset!r}: {len(encoding.ids)} tokens after skip_chars={skip_chars}, need {need}")
+    offsets, tokens = encoding.offsets, encoding.tokens
+    rows, cut = [], 0
+    for index in range(need // window):
+        end = _cut_before(tokens, (index + 1) * window, lower=cut + 1)
+        piece = text[offsets[cut][0] : offsets[end][0]]
+        rows.append({"text": piece, "span": index * window // span_tokens, "window": window})
+        cut = end
+    return rows
+
+
+def _cut_before(tokens: list[str], limit: int, lower: int, reach: int = 8) -> int:
+    """The last token index in (max(lower, limit - reach), limit] whose token starts a word (byte-level BPE marks
+    a leading space with 'Ġ' and a newline with 'Ċ'); `limit` itself when there is none that close."""
+    for index in range(limit, max(lower, limit - reach), -1):
+        if tokens[index][:1] in ("Ġ", "Ċ"):
+            return index
+    return limit
+
+
+def heldout_windows(
+    asset: str, window: int, span_tokens: int = 8192, num_spans: int = 1, skip_chars: int = 0, **_ignored
+):
+    return _dataset(window_rows(asset, window, span_tokens, num_spans, skip_chars))

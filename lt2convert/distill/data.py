@@ -26,6 +26,8 @@ SUFFIXES = (".txt", ".jsonl", ".parquet")
 HF_PREFIX = "hf:"
 PARQUET_BATCH_ROWS = 1024  # rows per pyarrow record batch: bounded memory for any file size
 CHUNK_TOKENS = 1 << 20  # token ids gathered in a Python list before they become one int32 array
+BATCH_CHARACTERS = 1 << 22  # characters of text per batched tokenizer call (an encoder with a `batch` method)
+BATCH_DOCUMENTS = 4096  # at most this many documents per batched call
 CACHE_VERSION = 1  # bump when the cached file's layout or meaning changes, so old caches are not reused
 TOKEN_DTYPE = np.dtype("<i4")  # 4 bytes a token on disk and in memory: ~4 GB for 1B tokens
 
@@ -34,15 +36,62 @@ class DataError(ValueError):
     """Training data that cannot be used; the message names the file or source."""
 
 
+# The default distillation text: general English prose (Jane Austen's novels, asset `austen`) mixed with the
+# Shakespeare plays. Windows are drawn uniformly from the concatenation, so a source's share is its share of the
+# tokens; Austen's training split is listed twice (upsampled) so the two are about even (7.1M vs 8.7M characters).
+DEFAULT_TRAINING_MIX = (("austen", "train.txt", 2), ("shakespeare", "train.txt", 1))
+
+
+def default_training_data() -> list[str]:
+    """The default training sources (fetching the assets first if they are not cached): see DEFAULT_TRAINING_MIX."""
+    from lt2convert.io.assets import fetch_asset
+
+    sources: list[str] = []
+    for asset, file, weight in DEFAULT_TRAINING_MIX:
+        sources += [str(fetch_asset(asset) / file)] * weight
+    return sources
+
+
 def byte_encode(text: str) -> list[int]:
     """Byte-level tokenisation (ids 0-255, the UTF-8 bytes): for tests and for models without a tokenizer."""
     return list(text.encode("utf-8"))
 
 
-def hf_encode(tokenizer) -> Callable[[str], list[int]]:
+class HFEncode:
     """Tokenisation with a Hugging Face tokenizer, without the special tokens it would add around each text (and
-    without its warning about texts longer than the model: documents are cut into windows later)."""
-    return lambda text: tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+    without its warning about texts longer than the model: documents are cut into windows later).
+
+    Called with one text it returns its ids. A fast tokenizer also has `batch`: many texts in one call to the Rust
+    tokenizer, which splits them over a thread per core (the same ids as one call per text, several times faster;
+    see scripts/bench_tokenize.py)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            from tokenizers import Tokenizer
+
+            # A private copy without truncation or padding: those are call-time settings of the shared tokenizer.
+            self.backend = Tokenizer.from_str(backend.to_str())
+            self.backend.no_truncation()
+            self.backend.no_padding()
+        else:
+            self.backend = None
+
+    def __call__(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+
+    def batch(self, texts: list[str]) -> list[list[int]]:
+        if self.backend is None:
+            return [self(text) for text in texts]
+        if hasattr(self.backend, "encode_batch_fast"):  # ids without character offsets (tokenizers >= 0.21)
+            return [encoding.ids for encoding in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+        return [encoding.ids for encoding in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+
+def hf_encode(tokenizer) -> HFEncode:
+    """See HFEncode."""
+    return HFEncode(tokenizer)
 
 
 # --------------------------------------------------------------------------------------------------- documents
@@ -104,6 +153,36 @@ def _decode(path: Path, data: bytes, offset: int = 0, where: str = "") -> str:
 
 def _txt_documents(path: Path, text_field: str) -> Iterator[str]:
     yield _decode(path, path.read_bytes())
+
+
+def read_text_file(path: str | Path, what: str = "text file") -> str:
+    """A whole UTF-8 text file, checked as training text is (exists, not binary, not blank); errors name it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found")
+    text = _decode(path, path.read_bytes())
+    if not text.strip():
+        raise DataError(f"{path}: no text")
+    return text
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(folder: str | Path, role: str, hint: str = "copy the source model's tokenizer files into it"):
+    """The Hugging Face tokenizer of a checkpoint folder, or a DataError naming the folder when it has none
+    (transformers' own message lists candidate classes and names no folder)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise DataError(
+            f"{folder}: {role} has no tokenizer (no {' or '.join(TOKENIZER_FILES[:2])}); {hint}"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as err:
+        raise DataError(f"{folder}: could not load {role}'s tokenizer ({str(err).splitlines()[0]})") from err
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
@@ -245,8 +324,8 @@ def _id_chunks(
     """int32 arrays of about CHUNK_TOKENS ids each; stops pulling documents as soon as max_tokens is reached."""
     buffer: list[int] = []
     done = 0  # ids already yielded
-    for document in documents:
-        buffer.extend(encode(document))
+    for ids in _encoded_documents(documents, encode):
+        buffer.extend(ids)
         if eos_id is not None:
             buffer.append(eos_id)
         if max_tokens is not None and done + len(buffer) >= max_tokens:
@@ -258,6 +337,25 @@ def _id_chunks(
             buffer = []
     if buffer:
         yield _as_ids(buffer)
+
+
+def _encoded_documents(documents: Iterable[str], encode: Callable[[str], list[int]]) -> Iterator[list[int]]:
+    """Each document's ids, in order; an encoder with a `batch` method gets the documents in batches (at most one
+    batch is read ahead of the ids handed out)."""
+    batch_encode = getattr(encode, "batch", None)
+    if batch_encode is None:
+        yield from (encode(document) for document in documents)
+        return
+    batch: list[str] = []
+    characters = 0
+    for document in documents:
+        batch.append(document)
+        characters += len(document)
+        if characters >= BATCH_CHARACTERS or len(batch) >= BATCH_DOCUMENTS:
+            yield from batch_encode(batch)
+            batch, characters = [], 0
+    if batch:
+        yield from batch_encode(batch)
 
 
 def _as_ids(ids: list[int]) -> np.ndarray:
@@ -368,8 +466,9 @@ def _backend_pipeline(tokenizer) -> dict | None:
 
 
 def check_same_tokenizer(teacher_tokenizer, student_tokenizer, teacher_name: str, student_name: str) -> None:
-    """Distillation compares logits token id by token id, so both models must share one vocabulary; raise a
-    DataError naming the first difference (vocabulary size, a token id, or a special token)."""
+    """Distillation compares logits token id by token id, so both models must turn text into the same ids; raise a
+    DataError naming the first difference (vocabulary size, a token id, a special token, or the tokenizer itself:
+    its model with the merges, normaliser, pre-tokeniser or added tokens)."""
     teacher, student = f"the teacher ({teacher_name})", f"the student ({student_name})"
     why = "distillation needs both models to use the same token ids"
     teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
@@ -392,6 +491,28 @@ def check_same_tokenizer(teacher_tokenizer, student_tokenizer, teacher_name: str
             raise DataError(
                 f"tokenizer mismatch: {teacher} has {name} token id {mine}, {student} {student_special[name]}; {why}"
             )
+    part = _first_pipeline_difference(teacher_tokenizer, student_tokenizer)
+    if part is not None:
+        raise DataError(
+            f"tokenizer mismatch: {teacher} and {student} have the same vocabulary but a different {part}, so the "
+            f"same text becomes different ids; {why}"
+        )
+
+
+# The parts of tokenizer.json that decide how text becomes ids (special tokens are not added by hf_encode, so the
+# post-processor and the decoder do not matter).
+PIPELINE_PARTS = {"normalizer": "normalizer", "pre_tokenizer": "pre-tokenizer", "model": "tokenizer model "
+                  "(type, merges or options)", "added_tokens": "set of added/special tokens"}
+
+
+def _first_pipeline_difference(teacher_tokenizer, student_tokenizer) -> str | None:
+    mine, theirs = _backend_pipeline(teacher_tokenizer), _backend_pipeline(student_tokenizer)
+    if mine is None or theirs is None:
+        return None if mine is theirs else "tokenizer implementation (fast vs slow)"
+    for key, name in PIPELINE_PARTS.items():
+        if mine.get(key) != theirs.get(key):
+            return name
+    return None
 
 
 # --------------------------------------------------------------------------------------------------- windows

@@ -52,6 +52,7 @@ class Stage:
     tokens: int
     seq_len: int = 512
     batch_size: int = 8
+    micro_batch_size: int | None = None  # rows per forward/backward (gradient accumulation); None: batch_size
     lr: float = 1e-3
     warmup: float = 0.05  # share of the stage's steps spent warming the learning rate up linearly
     min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio at the last step
@@ -68,6 +69,11 @@ class Stage:
     @property
     def tokens_per_step(self) -> int:
         return self.seq_len * self.batch_size
+
+    @property
+    def micro_batches(self) -> int:
+        """Forward/backward passes accumulated into each optimizer step."""
+        return self.batch_size // (self.micro_batch_size or self.batch_size)
 
     @property
     def steps(self) -> int:
@@ -100,6 +106,11 @@ def check_stage(stage: Stage, where: str) -> list[str]:
     for name in ("seq_len", "batch_size"):
         if not isinstance(getattr(stage, name), int) or getattr(stage, name) < 1:
             problems.append(f"{where}.{name}: expected a positive integer, got {getattr(stage, name)!r}")
+    micro = stage.micro_batch_size
+    if micro is not None and (not isinstance(micro, int) or isinstance(micro, bool) or micro < 1):
+        problems.append(f"{where}.micro_batch_size: expected a positive integer, got {micro!r}")
+    elif micro is not None and isinstance(stage.batch_size, int) and stage.batch_size % micro:
+        problems.append(f"{where}.micro_batch_size: {micro} does not divide batch_size {stage.batch_size}")
     for name in ("lr", "grad_clip", "temperature"):
         if not isinstance(getattr(stage, name), int | float) or getattr(stage, name) <= 0:
             problems.append(f"{where}.{name}: expected a positive number, got {getattr(stage, name)!r}")

@@ -23,6 +23,7 @@ their gradients before every optimizer step, so N processes follow the single-pr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -38,16 +39,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lt2convert.calibrate import capture_mixer_calls, head_averaged_attention, indexer_logits
-from lt2convert.distill.data import PackedTokenStream, byte_encode, hf_encode, load_token_ids
+from lt2convert.distill.data import DataError, PackedTokenStream, byte_encode, hf_encode, load_token_ids
 from lt2convert.distill.losses import align_loss, exit_kl_loss, indexer_kl_loss, kd_loss
 from lt2convert.distill.recipe import Stage, stage_from_settings
-from lt2convert.io.checkpoint import INDEX_FILE
-from lt2convert.io.writer import ShardedWriter, atomic_directory, write_json
+from lt2convert.io.checkpoint import INDEX_FILE, CheckpointError, read_safetensors_header
+from lt2convert.io.outputs import atomic_directory, atomic_write_text, sigterm_as_interrupt
+from lt2convert.io.writer import ShardedWriter
 from lt2convert.loading import load_config, load_model, resolve_checkpoint, resolve_dtype
 from lt2convert.modeling import LT2Config, LT2ForCausalLM
 from lt2convert.modeling.modeling_lt2 import LT2SparseAttention, MixerContext
 
 TOKENIZERS = ("student", "bytes")
+PRECISIONS = ("bf16", "fp32")  # of the teacher's and student's forward (autocast); weights and optimizer stay fp32
+TRACKERS = ("tensorboard", "wandb")
+DISPLAY_ONLY = ("progress", "log_with")  # options a resumed run may change
+TRACKED = ("loss", "lr", "grad_norm", "tokens_per_s", "logit_kl", "exit_kl")  # metrics mirrored to the trackers
 CHECKPOINT_PREFIX = "step-"
 TRAINABLE_FILE = "trainable.safetensors"
 
@@ -71,10 +77,21 @@ class DistillConfig:
     keep_checkpoints: int = 2  # the most recent checkpoints of a stage kept on disk
     teacher_device: str | None = None  # default: the student's device
     gradient_checkpointing: bool = False  # recompute each layer in backward (kd/finetune) to save memory
+    precision: str = "bf16"  # forward passes under bf16 autocast ("bf16"), or in fp32 throughout ("fp32")
     progress: bool = True  # a progress bar on the main process
+    log_with: list[str] = field(default_factory=list)  # experiment trackers through accelerate (TRACKERS)
 
     def __post_init__(self):
-        self.data = [str(p) for p in self.data]
+        # Local paths are stored absolute, so `--resume` works from any working directory.
+        self.data = [local_path_absolute(str(p)) for p in self.data]
+        self.teacher, self.student = local_path_absolute(self.teacher), local_path_absolute(self.student)
+        self.out = str(Path(self.out).absolute())
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        self.log_with = list(self.log_with)
+        unknown = [name for name in self.log_with if name not in TRACKERS]
+        if unknown:
+            raise ValueError(f"log_with: unknown tracker {unknown[0]!r}; expected {' or '.join(TRACKERS)}")
         if self.tokenizer not in TOKENIZERS:
             raise ValueError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, got {self.tokenizer!r}")
         if self.checkpoint_tokens < 1 or self.keep_checkpoints < 1:
@@ -86,9 +103,14 @@ class DistillConfig:
 
     def settings(self) -> dict:
         """What defines the run (a resume must match it); display-only options are left out."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("progress",)}
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in DISPLAY_ONLY}
         values["stages"] = [s.settings() for s in self.stages]
         return values
+
+
+def local_path_absolute(spec: str) -> str:
+    """An existing local path as an absolute path; presets, hub ids and hf: datasets unchanged."""
+    return str(Path(spec).absolute()) if not spec.startswith("hf:") and Path(spec).exists() else spec
 
 
 @dataclass
@@ -335,9 +357,16 @@ def write_student(student: LT2ForCausalLM, student_folder: Path, folder: Path, d
             shutil.copy2(item, folder / item.name)
 
 
-def export_student(student: LT2ForCausalLM, student_folder: Path, out: Path, dtype: torch.dtype) -> Path:
-    with atomic_directory(out, overwrite=True) as staging:
+def export_student(
+    student: LT2ForCausalLM, student_folder: Path, out: Path, dtype: torch.dtype, training: dict | None = None
+) -> Path:
+    """`final/`: the student's checkpoint and, given the training run, its own card and extended provenance."""
+    from lt2convert.cards import write_distilled_card
+
+    with atomic_directory(out, overwrite=True, kind="run-output") as staging:
         write_student(student, student_folder, staging, dtype)
+        if training is not None:
+            write_distilled_card(staging, training)
     return out
 
 
@@ -349,6 +378,9 @@ def check_run_folder(run: Path, config: DistillConfig, resume: bool) -> bool:
             raise FileExistsError(f"{run}: already holds a distill run; pass --resume to continue it")
         saved = json.loads(settings_file.read_text())
         mine = json.loads(json.dumps(config.settings()))
+        # `out` is the folder itself (it may have moved); older runs stored paths relative to their directory.
+        saved = {k: v for k, v in saved.items() if k != "out"}
+        mine = {k: v for k, v in mine.items() if k != "out"}
         changed = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         if changed:
             raise ValueError(f"{run}: cannot resume a run with different settings ({', '.join(changed)})")
@@ -362,13 +394,17 @@ def read_run_settings(run: Path) -> dict:
     settings_file = Path(run) / "run.json"
     if not settings_file.is_file():
         raise FileNotFoundError(f"{run}: no run.json; not a distill run folder")
-    return json.loads(settings_file.read_text())
+    try:
+        return json.loads(settings_file.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"{settings_file}: not a readable run settings file ({err})") from err
 
 
 def config_from_run(run: Path) -> DistillConfig:
     """The configuration a run folder was started with (for `distill --resume RUN`)."""
     values = read_run_settings(run)
     values["stages"] = [stage_from_settings(s) for s in values["stages"]]
+    values["out"] = str(Path(run).absolute())
     return DistillConfig(**values)
 
 
@@ -392,7 +428,16 @@ class Trainer:
         check_pair(self.teacher.config, student_config)
         self.converted = converted_layers(self.teacher.config, student_config)
         self.ids = self.load_data()
-        self.board = tensorboard_writer(self.run) if self.state.is_main_process else None
+        self.check_data_length()
+        self.trackers: list = []  # opened by train(), once the inputs have passed every check
+
+    def check_data_length(self) -> None:
+        longest = max(stage.seq_len for stage in self.config.stages)
+        if self.ids.numel() < longest:
+            raise DataError(
+                f"{', '.join(self.config.data)}: {self.ids.numel()} tokens in all, fewer than one window of "
+                f"{longest} tokens (the recipe's seq_len); give more training text"
+            )
 
     def load_data(self) -> torch.Tensor:
         from lt2convert.io.assets import cache_dir
@@ -400,14 +445,13 @@ class Trainer:
         if self.config.tokenizer == "bytes":
             encode, eos_id, fingerprint = byte_encode, None, "bytes"
         else:
-            from transformers import AutoTokenizer
+            from lt2convert.distill.data import check_same_tokenizer, load_tokenizer, tokenizer_fingerprint
 
-            from lt2convert.distill.data import check_same_tokenizer, tokenizer_fingerprint
-
-            tokenizer = AutoTokenizer.from_pretrained(self.student_folder)
+            hint = "copy the teacher's tokenizer files into it, or pass --tokenizer bytes"
+            tokenizer = load_tokenizer(self.student_folder, "the student", hint)
             teacher_folder = resolve_checkpoint(self.config.teacher).folder
             if (teacher_folder / "tokenizer_config.json").is_file():
-                teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_folder)
+                teacher_tokenizer = load_tokenizer(teacher_folder, "the teacher")
                 check_same_tokenizer(teacher_tokenizer, tokenizer, self.config.teacher, self.config.student)
             encode, eos_id, fingerprint = hf_encode(tokenizer), tokenizer.eos_token_id, tokenizer_fingerprint(tokenizer)
         streaming = any(source.startswith("hf:") for source in self.config.data)
@@ -420,6 +464,15 @@ class Trainer:
             )
 
     def train(self) -> DistillResult:
+        if self.state.is_main_process:
+            self.trackers = open_trackers(self.config.log_with, self.run, self.config.settings())
+        try:
+            return self.train_stages()
+        finally:
+            for tracker in self.trackers:
+                tracker.finish()
+
+    def train_stages(self) -> DistillResult:
         outputs, losses = [], {}
         source = self.student_folder
         for index, stage in enumerate(self.config.stages):
@@ -431,31 +484,38 @@ class Trainer:
             outputs.append(done)
             source = done
         final = self.run / "final"
-        if self.state.is_main_process:
-            student = load_model(source, dtype="float32")
-            export_student(student, self.student_folder, final, self.export_dtype)
-        self.state.wait_for_everyone()
         tokens = sum(stage.steps * stage.tokens_per_step for stage in self.config.stages)
+        if self.state.is_main_process:
+            from lt2convert.cards import final_losses, training_record
+
+            student = load_model(source, dtype="float32")
+            training = training_record(self.config.settings(), tokens, final_losses(self.run / "metrics.jsonl"))
+            export_student(student, self.student_folder, final, self.export_dtype, training)
+        self.state.wait_for_everyone()
         return DistillResult(final=final, stages=outputs, tokens=tokens, losses=losses)
 
     def train_stage(self, index: int, stage: Stage, source: Path, done: Path) -> float | None:
         from accelerate import Accelerator
         from accelerate.utils import DistributedType, set_seed
 
-        use_bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        # Mixed precision is our own autocast (see forward_precision), not accelerate's: accelerate fixes it once
+        # per process, and the teacher may sit on another device than the student.
         accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),
             step_scheduler_with_optimizer=False,
-            mixed_precision="bf16" if use_bf16 else "no",
+            mixed_precision="no",
+            gradient_accumulation_steps=stage.micro_batches,
         )
         if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             raise RuntimeError(
                 "distill averages gradients over processes itself (data parallel); FSDP and DeepSpeed sharding are "
                 "not supported yet: launch with plain multi-GPU or multi-CPU processes"
             )
-        if stage.batch_size % accelerator.num_processes:
+        micro_rows = stage.batch_size // stage.micro_batches  # rows of one micro-batch, over all processes
+        if micro_rows % accelerator.num_processes:
+            field_name = "micro_batch_size" if stage.micro_batches > 1 else "batch_size"
             raise ValueError(
-                f"stage {stage.name}: batch_size {stage.batch_size} does not split over "
+                f"stage {stage.name}: {field_name} {micro_rows} does not split over "
                 f"{accelerator.num_processes} processes"
             )
         set_seed(self.config.seed + index)
@@ -477,11 +537,10 @@ class Trainer:
         folder = self.run / "checkpoints" / stage_key(index, stage)
         found = checkpoints(folder)
         metrics = self.run / "metrics.jsonl"
-        if found:
-            accelerator.load_state(str(found[-1]))
-            restore_trainable(found[-1] / TRAINABLE_FILE, named)
+        resumed = load_usable_checkpoint(accelerator, found, named) if found else None
+        if resumed is not None:
             if accelerator.is_main_process:
-                shutil.copyfile(found[-1] / "metrics.jsonl", metrics)
+                shutil.copyfile(resumed / "metrics.jsonl", metrics)
         elif accelerator.is_main_process:
             previous = self.run / "stages" / stage_key(index - 1, self.config.stages[index - 1]) if index else None
             # Lines written after the last checkpoint (or stage) by a killed run are void.
@@ -491,20 +550,30 @@ class Trainer:
                 metrics.write_text("")
         accelerator.wait_for_everyone()
 
-        run = StepContext(
-            self.teacher, model, self.converted, stage, accelerator.backward, self.device, accelerator.num_processes
-        )
+        devices = {self.device.type, self.teacher.device.type}
+
+        def backward(loss: torch.Tensor) -> None:
+            with forward_precision("fp32", devices):  # autocast covers forward passes only
+                accelerator.backward(loss)
+
+        run = StepContext(self.teacher, model, self.converted, stage, backward, self.device, accelerator.num_processes)
         every = max(1, round(self.config.checkpoint_tokens / stage.tokens_per_step))
         bar = self.progress_bar(index, stage, progress.tokens, accelerator.is_main_process)
-        last_good, loss = (found[-1] if found else None), None
+        last_good, loss = resumed, None
         stage_started = time.perf_counter()
         while progress.step < stage.steps:
             started = time.perf_counter()
             ids, positions = stream.next_batch(stage.batch_size)
             lr = optimizer.param_groups[0]["lr"]
-            rows = process_rows(ids, accelerator.process_index, accelerator.num_processes).to(self.device)
-            with accelerator.autocast():
-                record = STEPS[stage.kind](run, rows)
+            records = []
+            # Micro-batches accumulate gradients (accelerator.backward divides each loss by their number); the
+            # processes average once, after the last one. Checkpoints fall between optimizer steps only, so a
+            # resume replays a half-accumulated step from its first micro-batch.
+            for micro in ids.split(micro_rows):
+                rows = process_rows(micro, accelerator.process_index, accelerator.num_processes).to(self.device)
+                with accelerator.accumulate(model), forward_precision(self.config.precision, devices):
+                    records.append(STEPS[stage.kind](run, rows))
+            record = mean_record(records)
             average_gradients(params, accelerator.num_processes)
             loss = float(accelerator.reduce(torch.tensor(record["loss"], device=self.device), "mean"))
             grad_norm = float(accelerator.clip_grad_norm_(params, stage.grad_clip))
@@ -538,12 +607,10 @@ class Trainer:
         return loss
 
     def log_scalars(self, stage: str, record: dict) -> None:
-        """Mirror the numeric metrics to TensorBoard (run/tensorboard) when it is installed."""
-        if self.board is None:
-            return
-        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "logit_kl", "exit_kl"):
-            if key in record:
-                self.board.add_scalar(f"{stage}/{key}", record[key], record["tokens"])
+        """Mirror the numeric metrics to the experiment trackers (`log_with`), against the stage's tokens."""
+        values = {f"{stage}/{key}": record[key] for key in TRACKED if key in record}
+        for tracker in self.trackers:
+            tracker.log(values, step=record["tokens"])
 
     def progress_bar(self, index: int, stage: Stage, done: int, is_main: bool):
         from tqdm.auto import tqdm
@@ -567,18 +634,113 @@ class Trainer:
                     f"merging the LoRA adapters changed the logits (max |diff| {(adapted - merged).abs().max():.3g})"
                 )
         if accelerator.is_main_process:
-            with atomic_directory(done, overwrite=True) as staging:
+            with atomic_directory(done, overwrite=True, kind="run-output") as staging:
                 write_student(student, self.student_folder, staging, torch.float32)
                 shutil.copyfile(metrics, staging / "metrics.jsonl")
         accelerator.wait_for_everyone()
 
 
-def tensorboard_writer(run: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional; metrics.jsonl has everything
-        return None
-    return SummaryWriter(str(run / "tensorboard"))
+def forward_precision(precision: str, devices: set[str]) -> contextlib.ExitStack:
+    """bf16 autocast on every device the teacher and student run on (CPU included: bf16 matmuls are about twice
+    as fast as fp32 on AVX-512 CPUs); fp32 leaves everything as it is. Losses are computed in fp32 either way."""
+    stack = contextlib.ExitStack()
+    for device in sorted(devices):
+        if precision == "fp32":  # also switches off an enclosing autocast (backward runs outside it)
+            stack.enter_context(torch.autocast(device, enabled=False))
+        elif device != "cuda" or torch.cuda.is_bf16_supported():
+            stack.enter_context(torch.autocast(device, dtype=torch.bfloat16))
+    return stack
+
+
+def mean_record(records: list[dict]) -> dict:
+    """The micro-batches' metrics averaged (numbers, and {key: number} maps such as per-layer losses)."""
+    if len(records) == 1:
+        return records[0]
+    merged = {}
+    for key, value in records[0].items():
+        if isinstance(value, dict):
+            merged[key] = {k: sum(r[key][k] for r in records) / len(records) for k in value}
+        else:
+            merged[key] = sum(r[key] for r in records) / len(records)
+    return merged
+
+
+def open_trackers(names: list[str], run: Path, settings: dict) -> list:
+    """accelerate's trackers for `names`, started, with the run's settings as hyperparameters. One that is not
+    installed is skipped with a warning: metrics.jsonl holds every value anyway. TensorBoard writes to
+    run/trackers/, wandb to run/wandb/ (project "lt2convert-distill", run named after the run folder)."""
+    import warnings
+
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    installed = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    trackers = []
+    for name in names:
+        if not installed[name]():
+            warnings.warn(f"log_with: {name} is not installed (pip install {name}); metrics.jsonl only", stacklevel=2)
+            continue
+        if name == "tensorboard":
+            tracker = LOGGER_TYPE_TO_CLASS[name](run.name, logging_dir=str(run / "trackers"))
+        else:
+            tracker = LOGGER_TYPE_TO_CLASS[name]("lt2convert-distill", name=run.name, dir=str(run))
+        tracker.start()
+        tracker.store_init_configuration(flat_settings(settings))
+        trackers.append(tracker)
+    return trackers
+
+
+def flat_settings(values: dict, prefix: str = "") -> dict[str, bool | int | float | str]:
+    """Nested settings as flat scalar hyperparameters ("stages.1.lr"), which every tracker accepts."""
+    flat: dict[str, bool | int | float | str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_settings(value, f"{name}."))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for i, item in enumerate(value):
+                flat.update(flat_settings(item, f"{name}.{i}."))
+        elif isinstance(value, bool | int | float | str):
+            flat[name] = value
+        else:  # None, lists of strings
+            flat[name] = json.dumps(value)
+    return flat
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Raise CheckpointError naming the file when a checkpoint is visibly damaged (a file missing, or a
+    safetensors file shorter than its header says, as a disk-full or a kill during the write leaves it)."""
+    for name in (TRAINABLE_FILE, "metrics.jsonl"):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder / name}: missing")
+    for path in sorted(folder.glob("*.safetensors")):
+        read_safetensors_header(path)
+
+
+def load_usable_checkpoint(accelerator, found: list[Path], named: dict[str, torch.nn.Parameter]) -> Path:
+    """Load the newest checkpoint that verifies and loads; a damaged one falls back to the one before it, with
+    a warning naming both. Every load replaces the whole state (optimizer, scheduler, RNG, progress, weights),
+    so a failed attempt leaves nothing behind."""
+    import warnings
+
+    damaged: list[tuple[Path, str]] = []
+    for candidate in reversed(found):
+        try:
+            verify_checkpoint(candidate)
+            accelerator.load_state(str(candidate))
+            restore_trainable(candidate / TRAINABLE_FILE, named)
+        except Exception as err:  # torch, pickle and safetensors raise many types for a damaged file
+            damaged.append((candidate, str(err).splitlines()[0] if str(err) else type(err).__name__))
+            continue
+        if damaged:
+            skipped = "; ".join(f"{path} ({why})" for path, why in damaged)
+            warnings.warn(f"damaged checkpoint(s) skipped: {skipped}; resuming from {candidate}", stacklevel=2)
+        return candidate
+    newest, why = damaged[0]
+    raise CheckpointError(
+        f"{newest}: damaged ({why}) and no earlier checkpoint of this stage loads; delete {newest.parent} to "
+        "restart the stage"
+    )
 
 
 def restore_trainable(path: Path, named: dict[str, torch.nn.Parameter]) -> None:
@@ -620,10 +782,14 @@ def distill(config: DistillConfig, resume: bool = False) -> DistillResult:
     # Without a GPU, processes launched together (accelerate launch --multi_gpu) form a gloo (CPU) group.
     state = PartialState(cpu=not torch.cuda.is_available())
     run = Path(config.out)
-    create = check_run_folder(run, config, resume)  # every process checks before any writes
-    state.wait_for_everyone()
-    if create and state.is_main_process:
-        run.mkdir(parents=True, exist_ok=True)
-        write_json(run / "run.json", config.settings())
-    state.wait_for_everyone()
-    return Trainer(config).train()
+    with sigterm_as_interrupt():
+        create = check_run_folder(run, config, resume)  # every process checks before any writes
+        # Validate first, write second: models, tokenizers and data are loaded and checked before the run
+        # folder exists, so bad input leaves no run.json that a corrected rerun would trip over.
+        trainer = Trainer(config)
+        state.wait_for_everyone()
+        if create and state.is_main_process:
+            run.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run / "run.json", json.dumps(config.settings(), indent=2) + "\n")
+        state.wait_for_everyone()
+        return trainer.train()

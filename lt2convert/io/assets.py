@@ -16,15 +16,20 @@ from __future__ import annotations
 
 import configparser
 import contextlib
+import dataclasses
 import datetime as _dt
 import fcntl
+import gzip
 import hashlib
 import importlib.metadata
 import importlib.util
+import io
 import json
 import os
 import re
 import shutil
+import string
+import struct
 import subprocess
 import sys
 import tarfile
@@ -32,6 +37,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -575,7 +581,232 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+# --- Debian packages: austen (training), jargon and devils-dictionary (held-out domains) ------------------
+#
+# The Debian archive serves these data packages by name to `apt-get download` (no root needed, nothing is
+# installed or run): a .deb is an `ar` archive whose data.tar.xz is read here with `tarfile`, in memory.
+
+
+@dataclasses.dataclass(frozen=True)
+class _DebianSource:
+    package: str
+    version: str
+    sha256: str  # of the .deb, as in the archive's Packages index
+    members: tuple[str, ...]  # the files the asset is built from, as paths inside data.tar
+    licence: str
+    upstream: str
+
+    @property
+    def filename(self) -> str:
+        return f"{self.package}_{self.version.split(':')[-1]}_all.deb"
+
+
+_AUSTEN = _DebianSource(
+    "r-cran-janeaustenr", "1.0.0-1", "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95",
+    ("./usr/lib/R/site-library/janeaustenr/data/Rdata.rdb",),
+    "novels: public domain (published 1811-1818); R package janeaustenr 1.0.0 by Julia Silge: MIT",
+    "CRAN janeaustenr 1.0.0 (texts from Project Gutenberg)",
+)
+_JARGON = _DebianSource(
+    "dict-jargon", "4.4.7-3.1", "405f8168d7994ed2cb71407bb95493daec2e9aa66fc0461dafa74a9d6728a8c1",
+    ("./usr/share/dictd/jargon.dict.dz", "./usr/share/dictd/jargon.index"),
+    "public domain (the Jargon File's own notice); Debian packaging GPL-2+",
+    "The Jargon File 4.4.7 (29 Dec 2003), http://catb.org/jargon/",
+)
+_DEVIL = _DebianSource(
+    "dict-devil", "1.0-13.1", "6a535684def2a1f70cd42da16d12d43f0e9dc3e54e4a329178eebab3170e3154",
+    ("./usr/share/dictd/devil.dict.dz", "./usr/share/dictd/devil.index"),
+    "public domain (copyright 1911, expired)",
+    "Ambrose Bierce, The Devil's Dictionary (1881-1906), Internet Wiretap edition of 1993",
+)
+# Persuasion (the shortest novel) is Austen's held-out split; the other five are for training.
+AUSTEN_HELDOUT = "PERSUASION"
+_APT_TIMEOUT_S = 600
+
+
+def _debian_members(source: _DebianSource, downloads: Path, force: bool) -> tuple[list[bytes], str]:
+    """The bytes of `source.members` from the pinned .deb (cached under `downloads`), and where they came from."""
+    deb = downloads / source.filename
+    if force or not deb.is_file() or _sha256(deb) != source.sha256:
+        _apt_download(source, downloads)
+    return _read_deb_members(deb, source.members), f"{source.filename} via apt-get download"
+
+
+def _apt_download(source: _DebianSource, downloads: Path) -> None:
+    if shutil.which("apt-get") is None:
+        raise AssetError(f"asset needs Debian package {source.package}={source.version}, and apt-get is missing")
+    downloads.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".apt-", dir=downloads))
+    try:
+        cmd = ["apt-get", "download", "-q", f"{source.package}={source.version}"]
+        try:
+            proc = subprocess.run(cmd, cwd=staging, capture_output=True, text=True, timeout=_APT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise AssetError(f"apt-get download {source.package} timed out after {_APT_TIMEOUT_S}s") from None
+        debs = sorted(staging.glob("*.deb"))
+        if proc.returncode != 0 or len(debs) != 1:
+            raise AssetError(
+                f"apt-get could not download {source.package}={source.version} (offline, or run apt-get update?): "
+                f"{_last_line(proc.stderr)}"
+            )
+        if _sha256(debs[0]) != source.sha256:
+            raise AssetError(f"downloaded {debs[0].name} does not match the pinned sha256")
+        os.chmod(debs[0], 0o644)
+        os.replace(debs[0], downloads / source.filename)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _read_deb_members(deb: Path, members: tuple[str, ...]) -> list[bytes]:
+    """Files of a .deb's data.tar.*, read in memory (an `ar` archive of tarballs; nothing is run)."""
+    try:
+        data = deb.read_bytes()
+        if not data.startswith(b"!<arch>\n"):
+            raise AssetError(f"{deb} is not a Debian package; delete it and retry")
+        pos = 8
+        while pos + 60 <= len(data):
+            name = data[pos : pos + 16].decode("ascii").strip().rstrip("/")
+            size = int(data[pos + 48 : pos + 58].decode("ascii"))
+            body = data[pos + 60 : pos + 60 + size]
+            pos += 60 + size + (size & 1)  # members are 2-byte aligned
+            if name.startswith("data.tar"):
+                with tarfile.open(fileobj=io.BytesIO(body)) as archive:
+                    return [_tar_file(archive, deb, member) for member in members]
+    except (tarfile.TarError, KeyError, ValueError, OSError, EOFError) as exc:
+        raise AssetError(f"cannot read {', '.join(members)} from {deb}: {exc}") from None
+    raise AssetError(f"{deb.name} has no data.tar member")
+
+
+def _tar_file(archive: tarfile.TarFile, deb: Path, member: str) -> bytes:
+    handle = archive.extractfile(member)
+    if handle is None:
+        raise AssetError(f"{deb.name}: {member} is not a regular file")
+    return handle.read()
+
+
+def _r_lazyload_strings(rdb: bytes) -> list[list[str]]:
+    """Every character vector in an R lazy-load database (`data/Rdata.rdb`): a run of zlib blocks, each a
+    4-byte length then an XDR-serialised object. Only what janeaustenr stores is understood (STRSXP)."""
+    vectors, rest = [], rdb
+    while rest:
+        inflater = zlib.decompressobj()
+        blob = inflater.decompress(rest[4:])
+        rest = inflater.unused_data
+        vectors.append(_r_character_vector(blob))
+    return vectors
+
+
+def _r_character_vector(blob: bytes) -> list[str]:
+    if not blob.startswith(b"X\n"):
+        raise AssetError("R data is not in XDR serialisation format")
+    (version,) = struct.unpack_from(">i", blob, 2)
+    pos = 14
+    if version == 3:  # version 3 records the native encoding: an int length, then the name
+        (length,) = struct.unpack_from(">i", blob, pos)
+        pos += 4 + length
+    flags, count = struct.unpack_from(">ii", blob, pos)
+    if flags & 0xFF != 16:  # STRSXP
+        raise AssetError(f"R object of type {flags & 0xFF}, expected a character vector")
+    pos += 8
+    strings = []
+    for _ in range(count):
+        _flags, length = struct.unpack_from(">ii", blob, pos)
+        pos += 8
+        if length < 0:  # NA_character_
+            strings.append("")
+            continue
+        strings.append(blob[pos : pos + length].decode("utf-8"))
+        pos += length
+    return strings
+
+
+def _build_austen(work: Path, downloads: Path, force: bool) -> dict[str, Any]:
+    (rdb,), origin = _debian_members(_AUSTEN, downloads, force)
+    novels = {}
+    for lines in _r_lazyload_strings(rdb):
+        title = next((line.strip() for line in lines if line.strip()), "").upper()  # "Persuasion" is not in capitals
+        novels[title] = _normalise("\n".join(line.rstrip() for line in lines))
+    if len(novels) != 6 or AUSTEN_HELDOUT not in novels:
+        raise AssetError(f"janeaustenr data holds {sorted(novels)}, expected the six novels")
+    titles = sorted(novels)
+    train = [t for t in titles if t != AUSTEN_HELDOUT]
+    _write_corpus(work / "corpus.txt", [novels[t] for t in titles])
+    _write_corpus(work / "train.txt", [novels[t] for t in train])
+    _write_corpus(work / "heldout.txt", [novels[AUSTEN_HELDOUT]])
+    return {
+        "source": _debian_record(_AUSTEN, origin),
+        "steps": [
+            f"read {_AUSTEN.members[0]} from the .deb; decoded its six R character vectors (one line per element)",
+            "joined each novel's lines with \\n, stripped trailing spaces, trimmed blank lines at the ends",
+            "corpus.txt: all novels by title, separated by two blank lines",
+            f"heldout.txt: {AUSTEN_HELDOUT.title()}; train.txt: the other five",
+        ],
+        "works": [{"title": t, "split": "heldout" if t == AUSTEN_HELDOUT else "train"} for t in titles],
+        "counts": {"novels": len(titles), "train_chars": sum(len(novels[t]) for t in train)},
+    }
+
+
+_DICTD_DIGITS = {c: i for i, c in enumerate(string.ascii_uppercase + string.ascii_lowercase + string.digits + "+/")}
+
+
+def _dictd_number(text: str) -> int:
+    """dictd's index numbers: base 64, most significant digit first."""
+    value = 0
+    for char in text:
+        value = value * 64 + _DICTD_DIGITS[char]
+    return value
+
+
+def _dictd_entries(dict_dz: bytes, index: bytes) -> list[str]:
+    """The entries of a dictd database in file order, without dictfmt's `00-database-*` headers. A .dict.dz is
+    gzip-compatible; each index line is `headword TAB offset TAB length` (byte offsets into the text)."""
+    data = gzip.decompress(dict_dz)
+    spans = set()
+    for line in index.decode("utf-8").splitlines():
+        fields = line.split("\t")
+        if len(fields) < 3 or fields[0].startswith("00database") or fields[0].startswith("00-database"):
+            continue
+        spans.add((_dictd_number(fields[1]), _dictd_number(fields[2])))
+    entries = [data[start : start + size].decode("utf-8").strip("\n") for start, size in sorted(spans)]
+    return [entry for entry in entries if entry.strip()]
+
+
+def _build_dictionary(source: _DebianSource) -> Callable[[Path, Path, bool], dict[str, Any]]:
+    def build(work: Path, downloads: Path, force: bool) -> dict[str, Any]:
+        (dict_dz, index), origin = _debian_members(source, downloads, force)
+        entries = _dictd_entries(dict_dz, index)
+        _write_corpus(work / "heldout.txt", entries)
+        return {
+            "source": _debian_record(source, origin),
+            "use": "held-out evaluation only: never part of any training data",
+            "steps": [
+                f"read {' and '.join(source.members)} from the .deb; gunzipped the dictionary",
+                "cut the entries at the index's offsets, in file order; dropped dictfmt's 00-database-* headers",
+                "kept each entry's layout (headword line, then the definition as the package indents it)",
+                "heldout.txt: the entries in dictionary order, separated by two blank lines",
+            ],
+            "counts": {"entries": len(entries)},
+        }
+
+    return build
+
+
+def _debian_record(source: _DebianSource, origin: str) -> dict[str, Any]:
+    return {
+        "debian_package": source.package,
+        "version": source.version,
+        "deb_sha256": source.sha256,
+        "files": [member.removeprefix(".") for member in source.members],
+        "upstream": source.upstream,
+        "licence": source.licence,
+        "obtained_from": origin,
+    }
+
+
 KNOWN_ASSETS: dict[str, Callable[[Path, Path, bool], dict[str, Any]]] = {
     "smollm2-135m": _build_smollm2,
     "shakespeare": _build_shakespeare,
+    "austen": _build_austen,
+    "jargon": _build_dictionary(_JARGON),
+    "devils-dictionary": _build_dictionary(_DEVIL),
 }

@@ -30,6 +30,8 @@ def parse_source(spec: str) -> Source:
 
     if Path(spec).exists():
         return Source("path", spec)
+    if looks_like_local_path(spec):
+        raise SourceError(f"no such folder: {spec}")
     if spec.lower() in PRESETS:
         preset = PRESETS[spec.lower()]
         return Source("preset", spec, preset.hub_id, preset.revision, preset.name)
@@ -41,6 +43,15 @@ def parse_source(spec: str) -> Source:
     )
 
 
+def looks_like_local_path(spec: str) -> bool:
+    """A spec that cannot be a hub id `org/name[@rev]`: it starts with . / ~, has more than one slash, ends with
+    one, or its first part is an existing local folder (`runs/typo` when ./runs exists)."""
+    name = spec.partition("@")[0]
+    if name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1 or "\\" in name:
+        return True
+    return "/" in name and Path(name.split("/", 1)[0]).is_dir()
+
+
 def download(hub_id: str, revision: str | None) -> Path:
     """Fetch configs, tokenizer and safetensors of a hub repo (no code, no pickles) into the HF cache."""
     from huggingface_hub import snapshot_download
@@ -49,6 +60,15 @@ def download(hub_id: str, revision: str | None) -> Path:
     try:
         return Path(snapshot_download(hub_id, revision=revision, allow_patterns=DOWNLOAD_PATTERNS))
     except (OfflineModeIsEnabled, LocalEntryNotFoundError) as err:
-        raise SourceError(f"{hub_id}: not in the local cache and the hub cannot be reached ({err})") from err
+        fetch = f"hf download {hub_id}" + (f" --revision {revision}" if revision else "")
+        raise SourceError(
+            f"{hub_id}: not in the local cache and the hub cannot be reached ({one_line(err)}); "
+            f"run `{fetch}` where the hub is reachable, then retry"
+        ) from err
     except HfHubHTTPError as err:
         raise SourceError(f"{hub_id}@{revision or 'main'}: download failed ({err})") from err
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (the command line prints only an error's first line)."""
+    return " ".join(str(err).split()) or type(err).__name__

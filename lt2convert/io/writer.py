@@ -2,39 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
 import struct
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from lt2convert.io.checkpoint import INDEX_FILE, SINGLE_FILE
-
-
-@contextlib.contextmanager
-def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `target`; on success it replaces `target`, on any failure it is
-    removed, so `target` is never left half-written."""
-    target = Path(target)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target}: already exists (pass --overwrite to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        yield staging
-        if target.exists():
-            backup = target.parent / f".{target.name}.old-{os.getpid()}"
-            target.rename(backup)
-            staging.rename(target)
-            shutil.rmtree(backup)
-        else:
-            staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+from lt2convert.io.outputs import atomic_directory  # noqa: F401 - re-exported for callers
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-MIXER_TYPES = ("full_attention", "gdn", "dsa", "swa")
+MIXER_TYPES = ("full_attention", "gdn", "dsa", "swa", "swa_gdn")
 
 
 class LT2Config(PreTrainedConfig):
     """A decoder stack of `num_hidden_layers` layers applied `total_ut_steps` times.
 
-    `layer_types[i]` names the token mixer of layer i (`full_attention`, `gdn`, `dsa`, `swa`); the mixer
-    settings live in the `gdn_*`, `dsa_*` and `swa_*` fields. `sandwich_norm` adds Ouro's post-mixer and
+    `layer_types[i]` names the token mixer of layer i (`full_attention`, `gdn`, `dsa`, `swa`, `swa_gdn`); the
+    mixer settings live in the `gdn_*`, `dsa_*` and `swa_*` fields (`swa_gdn` uses both the `swa_*` and the
+    `gdn_*` ones). `sandwich_norm` adds Ouro's post-mixer and
     post-MLP RMSNorms; `use_exit_gate` adds Ouro's early-exit gate. A Llama-family checkpoint is the case
     `total_ut_steps=1, sandwich_norm=False, use_exit_gate=False`.
     """
@@ -105,6 +106,18 @@ class LT2Config(PreTrainedConfig):
             raise ValueError(f"dsa_topk must be > 0, got {self.dsa_topk}")
         if self.swa_window <= 0:
             raise ValueError(f"swa_window must be > 0, got {self.swa_window}")
+        if "swa_gdn" in self.layer_types:
+            self.check_swa_gdn_heads()
+
+    def check_swa_gdn_heads(self) -> None:
+        """swa_gdn gates the GDN's heads against the attention's, one to one, before their shared o_proj."""
+        value_dim = self.gdn_head_k_dim * self.gdn_expand_v
+        if self.gdn_num_heads != self.num_attention_heads or value_dim != self.head_dim:
+            raise ValueError(
+                f"swa_gdn needs gdn_num_heads == num_attention_heads ({self.num_attention_heads}) and "
+                f"gdn_head_k_dim × gdn_expand_v == head_dim ({self.head_dim}); got {self.gdn_num_heads} and "
+                f"{value_dim:g}"
+            )
 
     @property
     def rope_theta(self) -> float:

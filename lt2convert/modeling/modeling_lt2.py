@@ -19,6 +19,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_lt2 import LT2Config, OuroConfig
 
@@ -176,6 +177,41 @@ def cache_append(state: dict, name: str, new: torch.Tensor, dim: int, length: in
     return buffer.narrow(dim, 0, length + count)
 
 
+def needs_grad(tensors: list[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def fused_tensor(owner: nn.Module, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.cat(tensors)` along dim 0 without autograd, kept on `owner` for inference (one matmul instead of
+    several small ones per decoding step) and rebuilt whenever one of `tensors` changes: an in-place update
+    (optimiser step, load_state_dict) bumps its version, a move or cast replaces its storage. On-disk names and
+    parameters stay as they are; the copy lives outside the state dict."""
+    stamp = tuple((t.data_ptr(), t._version) for t in tensors)
+    fused = owner.__dict__.setdefault("_fused_tensors", {})
+    hit = fused.get(key)
+    if hit is None or hit[0] != stamp:
+        with torch.no_grad():
+            hit = fused[key] = (stamp, torch.cat([t.detach() for t in tensors]))
+    return hit[1]
+
+
+def fused_linear(owner: nn.Module, key: str, linears: list[nn.Linear], x: torch.Tensor) -> torch.Tensor | None:
+    """The outputs of `linears` on `x`, concatenated on the last axis, as one matmul; None where it does not
+    apply (autograd needs the separate weights, only some layers have a bias, or a layer is wrapped, e.g. by a
+    LoRA adapter, whose output its `weight` alone does not give)."""
+    if any(type(lin) is not nn.Linear for lin in linears):
+        return None
+    weights = [lin.weight for lin in linears]
+    biases = [lin.bias for lin in linears]
+    if needs_grad(weights + [b for b in biases if b is not None]):
+        return None
+    if all(b is None for b in biases):
+        return F.linear(x, fused_tensor(owner, key, weights))
+    if any(b is None for b in biases):
+        return None
+    return F.linear(x, fused_tensor(owner, key, weights), fused_tensor(owner, key + ".bias", biases))
+
+
 class LT2Attention(nn.Module):
     """Causal softmax attention with RoPE and GQA (SDPA), keeping a growing KV cache in its slot."""
 
@@ -197,6 +233,12 @@ class LT2Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> q [B, heads, S, D], k/v [B, kv_heads, S, D], RoPE applied to q and k."""
         bsz, seq, _ = x.shape
+        qkv = fused_linear(self, "qkv", [self.q_proj, self.k_proj, self.v_proj], x)
+        if qkv is not None:  # inference: one projection, and RoPE on q and k together
+            heads = self.num_heads + self.num_kv_heads
+            qkv = qkv.view(bsz, seq, heads + self.num_kv_heads, self.head_dim).transpose(1, 2)
+            qk = apply_rotary(qkv[:, :heads], ctx.cos, ctx.sin)
+            return qk[:, : self.num_heads], qk[:, self.num_heads :], qkv[:, heads:]
         q = self.q_proj(x).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -246,10 +288,17 @@ class LT2SlidingWindowAttention(LT2Attention):
         self.window = config.swa_window
 
     def forward(self, x: torch.Tensor, ctx: MixerContext, state: dict | None) -> torch.Tensor:
-        no_padding(ctx, "swa")
         bsz, seq, _ = x.shape
+        return self.o_proj(self.attend(x, ctx, state).reshape(bsz, seq, -1))
+
+    def attend(self, x: torch.Tensor, ctx: MixerContext, state: dict | None) -> torch.Tensor:
+        """Per-head attention output [B, S, heads, D] before o_proj (the window kept in `state`)."""
+        no_padding(ctx, "swa")
+        seq = x.shape[1]
         q, k, v = self.project_qkv(x, ctx)  # [B, heads, S, D]
-        if state is not None and state.get("tokens", 0) > 0:
+        if state is not None and state.get("tokens", 0) > 0 and seq == 1:  # decoding: no per-token loop
+            out = self.step_cached(q, k, v, state).transpose(1, 2)
+        elif state is not None and state.get("tokens", 0) > 0:
             out = decode_token_by_token(
                 lambda *t: self.attend_cached(*t, state),
                 seq,
@@ -263,7 +312,7 @@ class LT2SlidingWindowAttention(LT2Attention):
             )
             if state is not None:
                 self.store_window(state, k, v)
-        return self.o_proj(out.reshape(bsz, seq, -1))
+        return out
 
     def store_window(self, state: dict, k: torch.Tensor, v: torch.Tensor) -> None:
         """Keep the last `window` keys/values, token t at ring index t % window."""
@@ -279,21 +328,25 @@ class LT2SlidingWindowAttention(LT2Attention):
     def attend_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: dict) -> torch.Tensor:
         """One token [B, 1, H, D]: write its key/value at ring index tokens % window (softmax is order-free and
         RoPE is already in the keys, so overwriting the oldest entry is exact), attend over every entry held."""
-        slot = state["tokens"] % self.window
-        held = min(state["tokens"], self.window)
-        for name, new in (("k", k.transpose(1, 2)), ("v", v.transpose(1, 2))):
+        return self.step_cached(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), state).transpose(1, 2)
+
+    def step_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: dict) -> torch.Tensor:
+        """attend_cached on head-major tensors: q [B, heads, 1, D], k/v [B, kv_heads, 1, D] -> [B, heads, 1, D]."""
+        tokens = state["tokens"]
+        slot = tokens % self.window
+        held = min(tokens, self.window)
+        for name, new in (("k", k), ("v", v)):
             buffer = reserve(state, name, new, 2, slot + 1, keep=held, limit=self.window)
             buffer[:, :, slot] = new[:, :, 0]
-        state["tokens"] += 1
-        held = min(state["tokens"], self.window)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
+        state["tokens"] = tokens + 1
+        held = min(tokens + 1, self.window)
+        return F.scaled_dot_product_attention(
+            q,
             state["k"][:, :, :held],
             state["v"][:, :, :held],
             scale=self.scaling,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
-        return out.transpose(1, 2)
 
 
 class LT2LightningIndexer(nn.Module):
@@ -344,7 +397,9 @@ class LT2SparseAttention(LT2Attention):
         bsz, seq, _ = x.shape
         q, k, v = (t.transpose(1, 2) for t in self.project_qkv(x, ctx))  # [B, S, heads, D]
         q_idx, k_idx, w_idx = self.indexer(x, ctx)
-        if state is not None and state.get("length", 0) > 0:
+        if state is not None and state.get("length", 0) > 0 and seq == 1:  # decoding: no per-token loop
+            out = self.attend_cached(q, k, v, q_idx, k_idx, w_idx, state)
+        elif state is not None and state.get("length", 0) > 0:
             out = decode_token_by_token(
                 lambda *t: self.attend_cached(*t, state), seq, q, k, v, q_idx, k_idx, w_idx
             )
@@ -410,12 +465,14 @@ class LT2GatedRMSNorm(nn.Module):
 class LT2GatedDeltaNet(nn.Module):
     """Gated DeltaNet with fla's parameter names (`fla.layers.GatedDeltaNet`), so checkpoints interoperate.
 
-    Per (step, layer) slot it keeps the recurrent state [B, heads, dk, dv] (fp32) and the short-conv inputs.
+    Per (step, layer) slot it keeps the recurrent state [B, heads, dk, dv] (fp32) under `recurrent` and the
+    short convolutions' last inputs (q, k, v channels together) under `conv`.
+    `output_projection=False` leaves out o_proj, for a layer that projects this output together with another's.
     """
 
     NORM_EPS = 1e-5  # fla's default for o_norm
 
-    def __init__(self, config: LT2Config, layer_idx: int):
+    def __init__(self, config: LT2Config, layer_idx: int, output_projection: bool = True):
         super().__init__()
         h = config.hidden_size
         self.num_heads, self.head_k_dim = config.gdn_num_heads, config.gdn_head_k_dim
@@ -438,17 +495,20 @@ class LT2GatedDeltaNet(nn.Module):
         if self.use_gate:
             self.g_proj = nn.Linear(h, value_dim, bias=False)
         self.o_norm = LT2GatedRMSNorm(self.head_v_dim, self.NORM_EPS)
-        self.o_proj = nn.Linear(value_dim, h, bias=False)
+        if output_projection:
+            self.o_proj = nn.Linear(value_dim, h, bias=False)
 
     def mix_inputs(self, x: torch.Tensor, state: dict | None) -> tuple[torch.Tensor, ...]:
         """q, k [B, S, heads, dk], v [B, S, heads, dv] after the short convolutions and SiLU."""
         bsz, seq, _ = x.shape
-        if self.use_short_conv:
-            q = self.q_conv1d(self.q_proj(x), state, "conv_q")
-            k = self.k_conv1d(self.k_proj(x), state, "conv_k")
-            v = self.v_conv1d(self.v_proj(x), state, "conv_v")
-        else:  # fla applies SiLU even without the convolution
-            q, k, v = F.silu(self.q_proj(x)), F.silu(self.k_proj(x)), F.silu(self.v_proj(x))
+        projections = [self.q_proj, self.k_proj, self.v_proj]
+        qkv = fused_linear(self, "qkv", projections, x)
+        if qkv is None:
+            qkv = torch.cat([proj(x) for proj in projections], dim=-1)
+        # fla applies SiLU even without the convolution
+        qkv = self.short_convolutions(qkv, state) if self.use_short_conv else F.silu(qkv)
+        key_dim = self.num_heads * self.head_k_dim
+        q, k, v = qkv.split([key_dim, key_dim, self.num_heads * self.head_v_dim], dim=-1)
         return (
             q.view(bsz, seq, self.num_heads, self.head_k_dim),
             k.view(bsz, seq, self.num_heads, self.head_k_dim),
@@ -457,13 +517,85 @@ class LT2GatedDeltaNet(nn.Module):
 
     def decay_and_beta(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """g = −exp(A_log)·softplus(a_proj(x) + dt_bias) (log-space decay ≤ 0) and β = sigmoid(b_proj(x))."""
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
-        beta = torch.sigmoid(self.b_proj(x).float())
+        return self.gates(self.a_proj(x), self.b_proj(x))
+
+    def gates(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """decay_and_beta from the a/b projections."""
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+        beta = torch.sigmoid(b.float())
         return g, beta * 2.0 if self.allow_neg_eigval else beta
+
+    def input_layers(self) -> list[nn.Module]:
+        """The projections of x, in the order decode_step fuses them, then the short convolutions."""
+        layers = [self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj]
+        layers += [self.g_proj] if self.use_gate else []
+        return layers + ([self.q_conv1d, self.k_conv1d, self.v_conv1d] if self.use_short_conv else [])
+
+    def decode_step(self, x: torch.Tensor, state: dict) -> torch.Tensor | None:
+        """One token [B, 1, H] on a filled slot, in few ops (at batch 1 a step costs op overhead, not arithmetic):
+        one fused projection, the three short convolutions as one multiply-add over their windows, the recurrent
+        state updated in place. -> heads_output's [B, 1, heads, dv]; None when autograd needs the separate
+        weights or a projection is wrapped (LoRA)."""
+        layers = self.input_layers()
+        if needs_grad([p for layer in layers for p in layer.parameters()]):
+            return None
+        proj = fused_linear(self, "proj", layers[: 6 if self.use_gate else 5], x[:, 0])
+        if proj is None:
+            return None
+        bsz, heads = x.shape[0], self.num_heads
+        key_dim, value_dim = heads * self.head_k_dim, heads * self.head_v_dim
+        qkv, a, b, gate = proj.split([2 * key_dim + value_dim, heads, heads, value_dim if self.use_gate else 0], -1)
+        qkv = self.short_convolutions(qkv[:, None], state)[:, 0] if self.use_short_conv else F.silu(qkv)
+        q, k, v = qkv.split([key_dim, key_dim, value_dim], -1)
+        g, beta = self.gates(a, b)
+        o, state["recurrent"] = mixer_kernels().gated_delta_rule_step(
+            q.view(bsz, heads, -1),
+            k.view(bsz, heads, -1),
+            v.view(bsz, heads, -1),
+            g,
+            beta,
+            state["recurrent"],
+            use_qk_l2norm_in_kernel=True,
+            inplace=True,
+        )
+        gate = gate.view(bsz, 1, heads, self.head_v_dim) if self.use_gate else None
+        return self.o_norm(o.view(bsz, 1, heads, self.head_v_dim), gate)
+
+    def short_convolutions(self, qkv: torch.Tensor, state: dict | None) -> torch.Tensor:
+        """The q, k and v short convolutions (each fla's ShortConvolution: causal depthwise conv, then SiLU) as
+        one depthwise conv over qkv [B, S, C]; the slot keeps the last K-1 inputs under `conv` ([B, C, K-1])."""
+        convs = [self.q_conv1d, self.k_conv1d, self.v_conv1d]
+        weights = [conv.weight for conv in convs]
+        weight = torch.cat(weights) if needs_grad(weights) else fused_tensor(self, "conv", weights)
+        weight = weight.to(qkv.dtype)  # [C, 1, K]
+        keep = weight.shape[-1] - 1
+        x = qkv.transpose(1, 2)
+        history = state.get("conv") if state is not None else None
+        if history is None:
+            history = x.new_zeros(x.shape[0], x.shape[1], keep)
+        padded = torch.cat([history.to(x.dtype), x], dim=-1)
+        if x.shape[-1] == 1:  # one token: a multiply-add (conv1d's per-call setup costs more than the work)
+            out = (padded * weight[:, 0]).sum(-1, keepdim=True)
+            kept = padded[..., 1:]  # a view of this step's window: no copy
+        else:
+            out = F.conv1d(padded, weight, groups=x.shape[1])
+            kept = padded[..., -keep:].contiguous()  # not a view: the prompt-long buffer would stay alive
+        if state is not None:
+            state["conv"] = kept
+        return F.silu(out).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, ctx: MixerContext, state: dict | None) -> torch.Tensor:
         bsz, seq, _ = x.shape
+        return self.o_proj(self.heads_output(x, ctx, state).reshape(bsz, seq, -1))
+
+    def heads_output(self, x: torch.Tensor, ctx: MixerContext, state: dict | None) -> torch.Tensor:
+        """Per-head output [B, S, heads, dv] after the gated norm, before o_proj."""
+        bsz, seq, _ = x.shape
         pad = ctx.key_padding_mask
+        if seq == 1 and pad is None and state is not None and "recurrent" in state:
+            stepped = self.decode_step(x, state)
+            if stepped is not None:
+                return stepped
         if pad is not None:  # padded positions must leave no trace: zero conv input, no decay, no update
             x = x * pad[:, -seq:, None].to(x.dtype)
         q, k, v = self.mix_inputs(x, state)
@@ -491,7 +623,32 @@ class LT2GatedDeltaNet(nn.Module):
         if state is not None:
             state["recurrent"] = final
         gate = self.g_proj(x).view(bsz, seq, self.num_heads, self.head_v_dim) if self.use_gate else None
-        return self.o_proj(self.o_norm(o, gate).reshape(bsz, seq, -1))
+        return self.o_norm(o, gate)
+
+
+class LT2SlidingWindowGatedDeltaNet(LT2SlidingWindowAttention):
+    """`swa_gdn`: exact softmax attention over the last `swa_window` tokens plus a Gated DeltaNet memory of the
+    whole sequence, mixed per head by a learned gate (after LoLCATs): o_proj(swa_h + gate_h · gdn_h).
+
+    The attention keeps its own q/k/v/o names; the GDN branch sits under `gdn.` with fla's names and no o_proj,
+    since both branches share o_proj (a decode step pays one output projection, and GDN's o_proj would be a copy
+    of the attention's anyway). The GDN reads every token, the window's too: then prefill, decoding and chunked
+    prefill are exactly the `gdn` mixer's, whereas a state of only the tokens older than the window would need a
+    delayed update. The gate starts at zero, so an untrained layer is its SWA conversion bit for bit. A slot
+    holds the window's keys/values and the GDN states (their keys do not overlap), constant in the context.
+    """
+
+    def __init__(self, config: LT2Config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.gdn = LT2GatedDeltaNet(config, layer_idx, output_projection=False)
+        self.gdn_gate = nn.Parameter(torch.zeros(self.num_heads))
+
+    def forward(self, x: torch.Tensor, ctx: MixerContext, state: dict | None) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        local = self.attend(x, ctx, state)  # [B, S, heads, D]
+        memory = self.gdn.heads_output(x, ctx, state)  # [B, S, heads, D]: the config ties the GDN heads to these
+        mixed = local + self.gdn_gate.to(local.dtype)[:, None] * memory
+        return self.o_proj(mixed.reshape(bsz, seq, -1))
 
 
 MIXER_CLASSES: dict[str, type[nn.Module]] = {
@@ -499,6 +656,7 @@ MIXER_CLASSES: dict[str, type[nn.Module]] = {
     "swa": LT2SlidingWindowAttention,
     "dsa": LT2SparseAttention,
     "gdn": LT2GatedDeltaNet,
+    "swa_gdn": LT2SlidingWindowGatedDeltaNet,
 }
 
 
@@ -640,6 +798,8 @@ class LT2PreTrainedModel(PreTrainedModel):
             nn.init.kaiming_uniform_(module.weight, a=5**0.5)  # nn.Conv1d's default, as fla uses
         elif isinstance(module, LT2GatedDeltaNet):
             init_gdn_decay(module.A_log, module.dt_bias)
+        elif isinstance(module, LT2SlidingWindowGatedDeltaNet):
+            module.gdn_gate.zero_()  # gate closed: the layer starts as sliding-window attention
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -770,6 +930,9 @@ class LT2ForCausalLM(LT2PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    # transformers 5 renamed `past_key_values` to `cache`; its own models accept the old name, with this warning,
+    # until 5.40, and so do we. Any other unknown keyword is a TypeError rather than silently ignored.
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -784,8 +947,21 @@ class LT2ForCausalLM(LT2PreTrainedModel, GenerationMixin):
         exit_threshold: float | None = None,
         use_weighted_exit: bool = False,
         output_step_hidden_states: bool = False,
-        **kwargs,
-    ) -> LoopedOutput:
+        return_dict: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> LoopedOutput | tuple:
+        """`return_dict`, `output_attentions` and `output_hidden_states` are the keywords generate() and peft pass
+        to every model; attention weights and per-layer hidden states are not available (the loop's per-step states
+        are: `output_step_hidden_states=True`)."""
+        if output_attentions or output_hidden_states:
+            raise ValueError(
+                "output_attentions/output_hidden_states are not supported; use output_step_hidden_states=True"
+            )
+        if cache is not None and not isinstance(cache, LoopedCache):
+            raise TypeError(
+                f"cache must be the LoopedCache this model returned (out.cache), not {type(cache).__name__}"
+            )
         steps, probs, cache = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -805,13 +981,14 @@ class LT2ForCausalLM(LT2PreTrainedModel, GenerationMixin):
                 labels[:, 1:].flatten().to(logits.device),
                 ignore_index=-100,
             )
-        return LoopedOutput(
+        output = LoopedOutput(
             loss=loss,
             logits=logits,
             cache=cache if use_cache is not False else None,
             exit_probs=probs,
             step_hidden_states=tuple(steps) if output_step_hidden_states else None,
         )
+        return output.to_tuple() if return_dict is False else output
 
     def select_logits(
         self,
