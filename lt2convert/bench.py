@@ -28,7 +28,7 @@ import torch
 
 from lt2convert.costs import cache_bytes
 from lt2convert.modeling import LoopedCache, LT2Config, LT2ForCausalLM
-from lt2convert.modeling.modeling_lt2 import cache_capacity
+from lt2convert.modeling.modeling_lt2 import cache_capacity, window_capacity
 
 BENCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CONTEXT_MODES = ("synthetic", "prefill")
@@ -139,7 +139,7 @@ def synthetic_slot(
     if mixer == "full_attention":
         return {"k": rand(batch, kv, capacity, d), "v": rand(batch, kv, capacity, d), "length": context}
     if mixer in ("swa", "swa_gdn"):
-        ring = cache_capacity(min(context, config.swa_window), config.swa_window)
+        ring = window_capacity(config, context)
         window = {"k": rand(batch, kv, ring, d), "v": rand(batch, kv, ring, d), "tokens": context}
         if mixer == "swa":
             return window

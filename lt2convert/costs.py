@@ -11,7 +11,7 @@ import functools
 from dataclasses import dataclass, replace
 
 from lt2convert.modeling import LT2Config
-from lt2convert.modeling.modeling_lt2 import cache_capacity
+from lt2convert.modeling.modeling_lt2 import cache_capacity, window_capacity, window_keys
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 RECURRENT_STATE_BYTES = 4  # GDN's recurrent state is kept in fp32 whatever the activation dtype
@@ -68,7 +68,7 @@ def slot_fixed_bytes(config: LT2Config, mixer: str, dtype_bytes: int) -> int:
 def slot_bytes(config: LT2Config, mixer: str, context: int, dtype_bytes: int) -> int:
     """Bytes one slot allocates after `context` tokens: growing caches hold whole blocks of tokens."""
     if mixer == "swa":
-        tokens = cache_capacity(min(context, config.swa_window), config.swa_window)
+        tokens = window_capacity(config, context)
     else:
         tokens = cache_capacity(context) if context else 0
     return slot_fixed_bytes(config, mixer, dtype_bytes) + tokens * slot_bytes_per_token(config, mixer, dtype_bytes)
@@ -193,7 +193,7 @@ def mixer_decode_flops(config: LT2Config, mixer: str, context: int) -> int:
     if mixer == "full_attention":
         return attend * context
     if mixer == "swa":
-        return attend * min(context, config.swa_window)
+        return attend * window_keys(config, context)
     if mixer == "dsa":  # the indexer scores every key (ReLU(q·k) per index head, then weighted); top-k ignored
         return 2 * config.dsa_index_n_heads * (config.dsa_index_head_dim + 1) * context + attend * min(
             context, config.dsa_topk
@@ -212,7 +212,7 @@ def mixer_decode_bytes(config: LT2Config, mixer: str, context: int, dtype_bytes:
     if mixer == "full_attention":
         return (context + 1) * entry
     if mixer == "swa":
-        return (min(context, config.swa_window) + 1) * entry
+        return (window_keys(config, context) + 1) * entry
     if mixer == "dsa":
         index_key = config.dsa_index_head_dim * dtype_bytes
         return context * index_key + min(context, config.dsa_topk) * (entry - index_key) + entry
@@ -228,7 +228,7 @@ def mixer_prefill_flops(config: LT2Config, mixer: str, tokens: int) -> int:
     if mixer == "full_attention":
         return attend * causal_pairs(tokens)
     if mixer == "swa":
-        return attend * causal_pairs(tokens, config.swa_window)
+        return attend * causal_pairs(tokens, config.swa_window + config.swa_sinks)
     if mixer == "dsa":
         indexer = 2 * config.dsa_index_n_heads * (config.dsa_index_head_dim + 1)
         return indexer * causal_pairs(tokens) + attend * causal_pairs(tokens, config.dsa_topk)

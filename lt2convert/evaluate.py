@@ -7,10 +7,12 @@ task YAMLs (hand-written fixtures, Shakespeare held-out perplexity, synthetic re
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import re
+import sys
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime
@@ -341,18 +343,20 @@ def evaluate(
     on_cpu = next(model.parameters()).device.type == "cpu"
     chosen = CPU_AUTO_BATCH_SIZE if isinstance(batch_size, str) and on_cpu else batch_size
     lm = _lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=chosen, exit_mode=mode)
-    results = simple_evaluate(
-        model=lm,
-        tasks=loaded,
-        task_manager=manager,
-        limit=limit,
-        log_samples=log_samples,
-        bootstrap_iters=bootstrap_iters,  # stderr of perplexity-type metrics; lm-eval's 100000 is slow on a CPU
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
+    # lm-eval prints progress notes ("bootstrapping for stddev") to stdout: keep stdout for our own output (--json)
+    with contextlib.redirect_stdout(sys.stderr):
+        results = simple_evaluate(
+            model=lm,
+            tasks=loaded,
+            task_manager=manager,
+            limit=limit,
+            log_samples=log_samples,
+            bootstrap_iters=bootstrap_iters,  # stderr of perplexity-type metrics; lm-eval's 100000 is slow on a CPU
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
 
     results["lt2convert"] = {
         "model": str(getattr(model.config, "name_or_path", "") or type(model).__name__),

@@ -119,11 +119,12 @@ def test_dsa_step_equals_last_row(shape: tuple) -> None:
         torch.testing.assert_close(step, full[:, length - 1], atol=ATOL, rtol=0)
 
 
-def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
-    """Dense ``[T, T]`` band-masked attention, the definition sliding-window attention must match."""
+def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sinks: int = 0) -> torch.Tensor:
+    """Dense ``[T, T]`` band-masked attention, the definition sliding-window attention must match: key j is
+    visible to query i when j <= i and it is among the last `window` keys or the first `sinks`."""
     T = q.shape[1]
     i = torch.arange(T)
-    band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+    band = (i[None, :] <= i[:, None]) & ((i[None, :] > i[:, None] - window) | (i[None, :] < sinks))
     group = q.shape[2] // k.shape[2]
     k, v = (x.repeat_interleave(group, dim=2).transpose(1, 2) for x in (k, v))
     return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=band).transpose(1, 2)
@@ -142,31 +143,47 @@ def test_swa_with_window_at_least_t_is_causal_attention(window: int) -> None:
     )
 
 
-# (B, T, HQ, H, window, block_size)
-SWA_SHAPES = [(2, 300, 4, 2, 17, 64), (1, 513, 8, 1, 64, 256), (1, 200, 2, 2, 1, 32), (2, 130, 4, 4, 129, 50)]
+# (B, T, HQ, H, window, block_size, sinks)
+SWA_SHAPES = [
+    (2, 300, 4, 2, 17, 64, 0),
+    (1, 513, 8, 1, 64, 256, 0),
+    (1, 200, 2, 2, 1, 32, 0),
+    (2, 130, 4, 4, 129, 50, 0),
+    (2, 300, 4, 2, 17, 64, 4),  # sinks before the band of most blocks
+    (1, 200, 2, 2, 1, 32, 40),  # sinks longer than the window and than a block
+    (1, 90, 4, 1, 60, 16, 8),  # early blocks' bands start inside the sinks
+]
 
 
 @pytest.mark.parametrize("shape", SWA_SHAPES)
 def test_swa_matches_dense_band(shape: tuple[int, ...]) -> None:
-    B, T, HQ, H, window, block = shape
+    B, T, HQ, H, window, block, sinks = shape
     q, k, v = make_swa_inputs(B, T, HQ, H, 16, 24, seed=T + window)
-    expected = band_attention(q, k, v, window)
+    expected = band_attention(q, k, v, window, sinks)
     torch.testing.assert_close(
-        sliding_window_attention(q, k, v, window, block_size=block), expected, atol=ATOL, rtol=0
+        sliding_window_attention(q, k, v, window, block_size=block, sinks=sinks), expected, atol=ATOL, rtol=0
     )
     torch.testing.assert_close(
-        sliding_window_attention_reference(q, k, v, window), expected, atol=ATOL, rtol=0
+        sliding_window_attention_reference(q, k, v, window, sinks=sinks), expected, atol=ATOL, rtol=0
     )
 
 
 @pytest.mark.parametrize("shape", SWA_SHAPES)
 def test_swa_step_equals_last_row(shape: tuple[int, ...]) -> None:
-    B, T, HQ, H, window, _ = shape
+    B, T, HQ, H, window, _, sinks = shape
     q, k, v = make_swa_inputs(B, T, HQ, H, 16, 24, seed=T)
-    expected = band_attention(q, k, v, window)
-    for length in (T, min(window, T)):
-        step = sliding_window_attention_step(q[:, length - 1], k[:, :length], v[:, :length], window)
+    expected = band_attention(q, k, v, window, sinks)
+    for length in (T, min(window, T), min(window + sinks // 2, T)):
+        step = sliding_window_attention_step(q[:, length - 1], k[:, :length], v[:, :length], window, sinks=sinks)
         torch.testing.assert_close(step, expected[:, length - 1], atol=ATOL, rtol=0)
+
+
+def test_sinks_change_the_output() -> None:
+    """Guards the sink cases above: keeping the first keys must matter once they leave the window."""
+    q, k, v = make_swa_inputs(1, 64, 2, 2, 16, 16, seed=3)
+    plain, sunk = (sliding_window_attention(q, k, v, 8, sinks=s) for s in (0, 4))
+    assert (plain[:, 8:] - sunk[:, 8:]).abs().max() > 1e-3
+    torch.testing.assert_close(plain[:, :8], sunk[:, :8], atol=ATOL, rtol=0)
 
 
 def test_heads_must_group() -> None:

@@ -83,6 +83,30 @@ def test_prefill_plus_decoding_equals_full_forward(mix, step):
     assert relative_error(decoded, full) <= FP32_TOL
 
 
+@pytest.mark.parametrize("mixer", ["swa", "swa_gdn"])
+@pytest.mark.parametrize("prefill", [1, 3, 9])
+def test_window_with_sinks_decodes_as_the_full_forward(mixer, prefill):
+    """Sinks enter the cache during prefill or decoding (prefill 1 and 3 < sinks + window), and leave the ring
+    before or after the prompt ends."""
+    model = build(tiny_config([mixer, "full_attention"], swa_window=3, swa_sinks=2))
+    ids = torch.randint(0, 128, (2, SEQ), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        decoded, cache = prefill_then_decode(model, ids, prefill=prefill)
+        chunked = model(ids[:, prefill:], cache=model(ids[:, :prefill], use_cache=True).cache).logits
+    assert relative_error(decoded, full) <= FP32_TOL
+    assert relative_error(chunked, full[:, prefill:]) <= FP32_TOL
+    assert cache.nbytes() == cache_bytes(model.config, SEQ, "fp32", batch=2)
+
+
+def test_sinks_change_a_windowed_model():
+    """Guards the test above: with the window full, the sinks must change the output."""
+    ids = torch.randint(0, 128, (1, SEQ))
+    plain, sunk = (build(tiny_config(["swa", "swa"], swa_window=3, swa_sinks=s)) for s in (0, 2))
+    with torch.no_grad():
+        assert relative_error(sunk(ids).logits, plain(ids).logits) > 1e-3
+
+
 @pytest.mark.parametrize("mix", MIXES)
 def test_cache_bytes_match_cost_model(mix):
     config = tiny_config(MIXES[mix])

@@ -178,7 +178,7 @@ def test_explicit_layers_and_named_mixes():
                                   "params": {"mix": {"full_attention": 1, "gdn": 4},
                                              "layers": {"3": "swa", "5": "full_attention"}}}
     swa = plan_json("ouro-1.4b", "--mix", "all-swa")
-    assert {m["mixer"] for m in swa["layers"]} == {"swa"} and swa["mixers"] == {"swa": {"window": 2048}}
+    assert {m["mixer"] for m in swa["layers"]} == {"swa"} and swa["mixers"] == {"swa": {"window": 2048, "sinks": 4}}
 
 
 def test_swa_gdn_plan_records_the_window_and_gdn_settings(tmp_path):
@@ -187,9 +187,9 @@ def test_swa_gdn_plan_records_the_window_and_gdn_settings(tmp_path):
     report = plan_json("smollm2-135m", "--recipe", str(recipe), "-o", str(target))
     layers = [m["mixer"] for m in report["layers"]]
     assert full_layers(layers) == list(range(3, 30, 4)) and layers.count("swa_gdn") == 23
-    assert report["mixers"]["swa"] == {"window": 128} and report["mixers"]["gdn"]["num_heads"] == 9
+    assert report["mixers"]["swa"] == {"window": 128, "sinks": 4} and report["mixers"]["gdn"]["num_heads"] == 9
     config = plan_to_config(read_plan(target), load_config("smollm2-135m")[0])
-    assert config.swa_window == 128 and config.gdn_head_k_dim == config.head_dim
+    assert config.swa_window == 128 and config.swa_sinks == 4 and config.gdn_head_k_dim == config.head_dim
     cost = report["cost"]["plan"]
     assert cost["mixer_layers"]["swa_gdn"] == 23 and cost["params_by_component"]["mixer:swa_gdn"] > 0
     # Its cache is SWA's window plus the GDN state, whatever the context.
@@ -198,6 +198,12 @@ def test_swa_gdn_plan_records_the_window_and_gdn_settings(tmp_path):
     for context, size in cost["cache_bytes_at_context"].items():
         assert size == windowed["cache_bytes_at_context"][context] + cost["cache_fixed_bytes"]
     data = yaml.safe_load(target.read_text())
+    del data["mixers"]["swa"]["sinks"]  # a plan from before sinks: none
+    target.write_text(yaml.safe_dump(data))
+    assert plan_to_config(read_plan(target), load_config("smollm2-135m")[0]).swa_sinks == 0
+    data["mixers"]["swa"]["sinks"] = -1
+    target.write_text(yaml.safe_dump(data))
+    assert "mixers.swa.sinks: must be >= 0, got -1" in one_line_error("smollm2-135m", "--plan", str(target))
     del data["mixers"]["gdn"]
     target.write_text(yaml.safe_dump(data))
     assert "mixers.gdn: missing (layers use swa_gdn)" in one_line_error("smollm2-135m", "--plan", str(target))
@@ -206,10 +212,9 @@ def test_swa_gdn_plan_records_the_window_and_gdn_settings(tmp_path):
 def test_every_shipped_recipe_plans_its_source(tmp_path):
     assert set(recipe_names()) >= {"ouro-1.4b-full-gdn", "ouro-1.4b-gdn-dsa", "smollm2-135m-full-gdn",
                                    "lt2-linear", "lt2-sparse", "tiny"}
-    sources = {"smollm2-135m-full-gdn": "smollm2-135m", "smollm2-135m-recall": "smollm2-135m",
-               "tiny": str(write_checkpoint(tmp_path, ouro_config()))}
+    sources = {"tiny": str(write_checkpoint(tmp_path, ouro_config()))}
     for name in recipe_names():
-        source = sources.get(name, "ouro-1.4b")
+        source = "smollm2-135m" if name.startswith("smollm2-135m") else sources.get(name, "ouro-1.4b")
         config, _ = load_config(source)
         plan = build_plan(source, config, load_recipe(name))
         target = plan_to_config(plan, config)

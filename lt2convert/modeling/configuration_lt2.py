@@ -62,6 +62,7 @@ class LT2Config(PreTrainedConfig):
     dsa_index_head_dim: int | None = None
     dsa_topk: int = 2048
     swa_window: int = 2048
+    swa_sinks: int = 0  # first tokens every SWA query also sees (attention sinks); plans default to 4
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -106,6 +107,8 @@ class LT2Config(PreTrainedConfig):
             raise ValueError(f"dsa_topk must be > 0, got {self.dsa_topk}")
         if self.swa_window <= 0:
             raise ValueError(f"swa_window must be > 0, got {self.swa_window}")
+        if self.swa_sinks < 0:
+            raise ValueError(f"swa_sinks must be >= 0, got {self.swa_sinks}")
         if "swa_gdn" in self.layer_types:
             self.check_swa_gdn_heads()
 

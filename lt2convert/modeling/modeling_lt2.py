@@ -155,6 +155,18 @@ def cache_capacity(tokens: int, limit: int | None = None) -> int:
     return capacity if limit is None else min(capacity, limit)
 
 
+def window_capacity(config: LT2Config, context: int) -> int:
+    """Entries an SWA slot allocates after `context` tokens: the sink slots, then the ring of the last
+    `swa_window` keys, grown in whole blocks."""
+    sinks, window = config.swa_sinks, config.swa_window
+    return cache_capacity(sinks + min(context, window), sinks + window)
+
+
+def window_keys(config: LT2Config, context: int) -> int:
+    """Keys an SWA query reads with `context` tokens cached (itself included): its window and the sinks."""
+    return min(context, config.swa_window + config.swa_sinks)
+
+
 def reserve(state: dict, name: str, like: torch.Tensor, dim: int, needed: int, keep: int, limit: int | None = None):
     """Make state[name] hold at least `needed` entries along `dim` (shaped like `like` elsewhere), growing it by
     whole blocks and keeping its first `keep` entries. Returns the buffer."""
@@ -280,12 +292,16 @@ def decode_token_by_token(step, x_len: int, *tensors: torch.Tensor) -> torch.Ten
 
 
 class LT2SlidingWindowAttention(LT2Attention):
-    """Attention over the last `swa_window` tokens (the current one included); the cache is a ring buffer of
-    at most `window` entries per slot, so decoding state stops growing once the window is full."""
+    """Attention over the last `swa_window` tokens (the current one included) and the first `swa_sinks` tokens
+    (attention sinks). A slot's `k`/`v` buffer holds `sinks` sink entries, token j < sinks at index sinks-1-j,
+    then a ring of `window` entries, token t at index sinks + t % window: the keys a query reads are then one
+    contiguous range (the sinks that left the ring, then the ring), and the state stops growing once the window
+    is full."""
 
     def __init__(self, config: LT2Config, layer_idx: int):
         super().__init__(config, layer_idx)
         self.window = config.swa_window
+        self.sinks = config.swa_sinks
 
     def forward(self, x: torch.Tensor, ctx: MixerContext, state: dict | None) -> torch.Tensor:
         bsz, seq, _ = x.shape
@@ -308,21 +324,24 @@ class LT2SlidingWindowAttention(LT2Attention):
             )
         else:
             out = mixer_kernels().sliding_window_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.window, scale=self.scaling
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.window, scale=self.scaling,
+                sinks=self.sinks,
             )
             if state is not None:
                 self.store_window(state, k, v)
         return out
 
     def store_window(self, state: dict, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Keep the last `window` keys/values, token t at ring index t % window."""
-        seq = k.shape[2]
+        """Keep the first `sinks` and the last `window` keys/values of a prompt, at their slot indices."""
+        seq, sinks = k.shape[2], self.sinks
         keep = min(seq, self.window)
-        positions = torch.arange(seq - keep, seq, device=k.device)
-        ring = positions % self.window
+        ring = sinks + torch.arange(seq - keep, seq, device=k.device) % self.window
+        first = min(seq, sinks)
+        sink_slots = sinks - 1 - torch.arange(first, device=k.device)
         for name, new in (("k", k), ("v", v)):
-            buffer = reserve(state, name, new, 2, keep, keep=0, limit=self.window)
+            buffer = reserve(state, name, new, 2, sinks + keep, keep=0, limit=sinks + self.window)
             buffer[:, :, ring] = new[:, :, seq - keep :]
+            buffer[:, :, sink_slots] = new[:, :, :first]
         state["tokens"] = seq
 
     def attend_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: dict) -> torch.Tensor:
@@ -332,18 +351,21 @@ class LT2SlidingWindowAttention(LT2Attention):
 
     def step_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: dict) -> torch.Tensor:
         """attend_cached on head-major tensors: q [B, heads, 1, D], k/v [B, kv_heads, 1, D] -> [B, heads, 1, D]."""
-        tokens = state["tokens"]
-        slot = tokens % self.window
+        tokens, sinks = state["tokens"], self.sinks
+        slot = sinks + tokens % self.window
         held = min(tokens, self.window)
         for name, new in (("k", k), ("v", v)):
-            buffer = reserve(state, name, new, 2, slot + 1, keep=held, limit=self.window)
+            buffer = reserve(state, name, new, 2, slot + 1, keep=sinks + held, limit=sinks + self.window)
             buffer[:, :, slot] = new[:, :, 0]
+            if tokens < sinks:
+                buffer[:, :, sinks - 1 - tokens] = new[:, :, 0]
         state["tokens"] = tokens + 1
         held = min(tokens + 1, self.window)
+        first = sinks - min(sinks, tokens + 1 - held)  # the sinks that have left the ring, then the ring
         return F.scaled_dot_product_attention(
             q,
-            state["k"][:, :, :held],
-            state["v"][:, :, :held],
+            state["k"][:, :, first : sinks + held],
+            state["v"][:, :, first : sinks + held],
             scale=self.scaling,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
