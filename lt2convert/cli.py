@@ -370,6 +370,10 @@ def bench(
     from lt2convert.bench import bench as run_bench
 
     mode = None if real_prefill is None else ("prefill" if real_prefill else "synthetic")
+    if output is not None:  # refuse a file we did not write before spending the benchmark's time
+        from lt2convert.io.outputs import check_replaceable
+
+        check_replaceable(Path(output), "bench")
     report = run_bench(
         [model, *others], contexts, batch_size, decode_tokens=decode_tokens, prefill=prefill, device=device,
         dtype=dtype, context_mode=mode, random=random_init, warmup=warmup, repeats=repeats, seed=seed,
@@ -377,7 +381,7 @@ def bench(
     if output is not None:
         from lt2convert.io.outputs import atomic_write_text
 
-        atomic_write_text(Path(output), json.dumps(report, indent=2) + "\n")
+        atomic_write_text(Path(output), json.dumps(report, indent=2) + "\n", kind="bench")
     emit(report, as_json, "print_bench")
 
 
@@ -591,9 +595,10 @@ Examples:
               "(default: the Austen novels and Shakespeare training splits).")
 @click.option("--suites", default="recall,local", show_default=True, help="Eval suites for teacher and student.")
 @click.option("--limit", default="default", show_default=True,
-              help="Documents per task: N, or SUITE:N,... ('default': recall:3 on a CPU, every document on a GPU; "
+              help="Documents per task: N, or SUITE:N,... ('default': recall:10 on a CPU, every document on a GPU; "
               "'none': every document).")
-@click.option("--contexts", help="Bench contexts (default: 1k,4k,16k,32k on a CPU, 1k,8k,32k on a GPU).")
+@click.option("--contexts", help="Bench contexts at batch 1 (default: 1k,4k,8k,32k on a CPU, 1k,8k,32k on a GPU); "
+              "batch 8 runs at 1k,8k on a CPU, at these contexts on a GPU.")
 @click.option("--baselines", help="Report baselines (default: ouro-paper for Ouro sources, otherwise none).")
 @click.option("--fresh", is_flag=True, help="Delete the output folder's earlier pipeline run first.")
 @click.option("--no-progress", is_flag=True, help="No distillation progress bars.")

@@ -249,8 +249,9 @@ def pipeline(
 
     recipe: default `smollm2-135m-demo` for smollm2-135m, `ouro-1.4b-full-gdn` otherwise (its plan and stages).
     tokens: rescale the recipe's stage budgets to this total. data: training text (default: the Austen
-    and Shakespeare training splits). limit: documents per task, N or 'SUITE:N,...' ('default': recall:3 on a
-    CPU, all on a GPU). contexts: bench contexts (default 1k,4k,16k,32k on a CPU, 1k,8k,32k on a GPU).
+    and Shakespeare training splits). limit: documents per task, N or 'SUITE:N,...' ('default': recall:10 on a
+    CPU, all on a GPU). contexts: batch-1 bench contexts (default 1k,4k,8k,32k on a CPU, 1k,8k,32k on a GPU);
+    batch 8 runs at 1k,8k on a CPU, at `contexts` on a GPU.
     baselines: for the report (default: ouro-paper for Ouro sources, none otherwise). `log` receives one line per
     step."""
     from lt2convert.distill.recipe import parse_tokens

@@ -73,6 +73,20 @@ def test_bench_cli_json(tmp_path):
         assert figures["ratio"] == 1.0 and figures["cache_bytes_ratio"] == 1.0
 
 
+def test_bench_output_replaces_only_an_earlier_bench_file(tmp_path):
+    source = write_checkpoint(tmp_path / "ouro", ouro_config())
+    config = source / "config.json"
+    before = config.read_bytes()
+    args = ["bench", str(source), "--random", "--contexts", "8", "--decode-tokens", "1", "--warmup", "0",
+            "--repeats", "1", "--device", "cpu"]
+    refused = CliRunner().invoke(main, [*args, "-o", str(config)])
+    assert refused.exit_code == 1 and "config.json: exists and is not a bench result" in refused.output
+    assert config.read_bytes() == before  # a checkpoint's file is never replaced
+    first = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "bench.json")])
+    again = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "bench.json")])
+    assert first.exit_code == 0 and again.exit_code == 0, again.output  # an earlier bench result is replaced
+
+
 def test_bench_loads_weights_and_prints_tables(tmp_path):
     source = write_checkpoint(tmp_path / "ouro", ouro_config())
     result = CliRunner().invoke(

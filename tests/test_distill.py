@@ -182,6 +182,14 @@ def test_align_reduces_mixer_output_error_and_kd_reduces_kl(tiny):
     assert sum(m["loss"] for m in kd[-3:]) < sum(m["loss"] for m in kd[:3])
 
 
+def test_stage_and_final_folders_follow_the_umask(tiny):
+    """Not mkdtemp's 0700: a serving account or a colleague must be able to read the distilled model."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folders = [tiny["result"].final, *tiny["result"].stages]
+    assert folders and all((p.stat().st_mode & 0o777) == 0o777 & ~umask for p in folders)
+
+
 def test_final_has_its_own_card_and_training_provenance(tiny):
     from huggingface_hub import ModelCard
 
@@ -540,6 +548,7 @@ def test_bad_input_fails_clearly_and_writes_nothing(tiny, tmp_path):
         out = tmp_path / f"run-{name}"
         result = CliRunner().invoke(main, [*map(str, base), "--data", str(tmp_path / name), "-o", str(out)])
         assert result.exit_code == 1 and message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and not out.exists()
     tiny_budget = CliRunner().invoke(main, [*map(str, base), "--tokens", "100", "-o", str(tmp_path / "run-b")])
     assert tiny_budget.exit_code == 1 and "less than one step" in tiny_budget.output
     assert not (tmp_path / "run-b").exists()
@@ -547,6 +556,7 @@ def test_bad_input_fails_clearly_and_writes_nothing(tiny, tmp_path):
     mismatch = CliRunner().invoke(main, [*map(str, base[:2]), "--teacher", str(other), *map(str, base[4:]),
                                          "--data", str(tiny["root"] / "train.txt"), "-o", str(tmp_path / "run-mm")])
     assert mismatch.exit_code == 1 and "tokenizer mismatch" in mismatch.output, mismatch.output
+    assert len(mismatch.output.strip().splitlines()) == 1 and not (tmp_path / "run-mm").exists()
     # Resuming a run folder with another recipe: refused, and the run folder is untouched.
     run = Path(tiny["config"].out)
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}

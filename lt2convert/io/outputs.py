@@ -57,6 +57,15 @@ def _is_plan_file(path: Path) -> bool:
         return handle.read(len(PLAN_HEADER)) == PLAN_HEADER.encode()
 
 
+def _is_bench_file(path: Path) -> bool:
+    """A JSON object with the keys `lt2convert bench` writes."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and {"models", "contexts", "decode_tokens", "context_mode"} <= data.keys()
+
+
 def _inside_run_folder(path: Path) -> bool:
     """stages/<k>-<stage>/ and final/ of a distill run belong to the run."""
     return any((parent / "run.json").is_file() for parent in list(Path(path).absolute().parents)[:2])
@@ -69,6 +78,7 @@ KINDS: dict[str, tuple[Callable[[Path], bool], str]] = {
     "report": (_is_report_folder, f"an earlier report folder (no {REPORT_MARKER})"),
     "plan": (_is_plan_file, f"a plan file written by lt2convert (its first line is not '{PLAN_HEADER}')"),
     "run-output": (_inside_run_folder, "inside a distill run folder"),
+    "bench": (_is_bench_file, "a bench result written by `lt2convert bench`"),
 }
 
 
