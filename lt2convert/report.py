@@ -388,17 +388,19 @@ class MetricKept:
 
     @property
     def kept(self) -> float | None:
-        """Percent of the teacher's quality: student/teacher, or teacher/student where lower is better."""
-        if self.teacher <= 0 or self.student <= 0:
-            return None
-        return 100 * (self.student / self.teacher if self.column.higher_is_better else self.teacher / self.student)
+        """Percent of the teacher's quality: student/teacher, or teacher/student where lower is better. A student
+        at 0 where the teacher scores keeps 0% (higher is better); only a teacher at 0 gives no ratio."""
+        if self.column.higher_is_better:
+            return 100 * self.student / self.teacher if self.teacher > 0 and self.student >= 0 else None
+        return 100 * self.teacher / self.student if self.teacher > 0 and self.student > 0 else None
 
 
 QUALITY_CAP = 200.0
 QUALITY_DEFINITION = (
     "Quality score: for each task, the model's primary metric as a percentage of the teacher's (teacher ÷ model "
     "for lower-is-better metrics such as perplexity), capped at 200; the score is the mean over the tasks both "
-    "models were scored on, so the teacher scores 100. Tasks where either score is 0 are left out."
+    "models were scored on, so the teacher scores 100. A student at 0 where the teacher scores counts as 0; tasks "
+    "where the teacher scores 0 are left out."
 )
 
 
@@ -542,7 +544,8 @@ def normalise(name: str) -> str:
 def bench_label(row: dict, bench: dict, many: bool) -> str:
     label = row["name"]
     if many:
-        label += f" [{bench.get('device_name', bench.get('device', '?'))}, {bench.get('dtype', '?')}]"
+        where = bench.get("device_name", bench.get("device", "?"))
+        label += f" [{where}, {bench.get('dtype', '?')}, batch {bench.get('batch', '?')}]"
     return label
 
 
@@ -586,7 +589,8 @@ def make_plots(board: dict, benches: list[dict], story: list[Headline], teacher:
     marks = [(h.student, h.speed.crossover_at) for h in story
              if h.speed and h.speed.crossover_at and h.speed.crossover_at > h.speed.bench["contexts"][0]]
     if benches:
-        title = f"{benches[0].get('device_name', '?')}, {benches[0].get('dtype', '?')}, batch {benches[0].get('batch')}"
+        batches = ", ".join(str(b) for b in dict.fromkeys(bench.get("batch") for bench in benches))
+        title = f"{benches[0].get('device_name', '?')}, {benches[0].get('dtype', '?')}, batch {batches}"
         plots.update(draw.speed_and_cache(lines, marks, title))
 
     speeds = [h for h in story if h.speed]

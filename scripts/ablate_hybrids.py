@@ -181,8 +181,10 @@ def bench_all(rows: list[dict], out: Path, args: argparse.Namespace) -> dict:
     models = [args.teacher, *(str(out / name / "hybrid") for name in names)]
     figures: dict = {name: {} for name in names}
     for key, (context, batch) in BENCH_POINTS.items():
+        # Prefill is timed once on a short prompt: only decoding is compared here (a 32K prefill of 8 models would
+        # take longer than the rest of the ablation).
         measured = bench(models, [context], batch, names=["teacher", *names], device="cpu", dtype="fp32",
-                         decode_tokens=args.decode_tokens)
+                         decode_tokens=args.decode_tokens, prefill=256, repeats=1)
         teacher = measured["models"][0]["decode"][str(context)]
         for name, row in zip(names, measured["models"][1:], strict=True):
             mine = row["decode"][str(context)]

@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -249,17 +250,22 @@ def test_html_renders_in_headless_chromium(inputs, distill_run, tmp_path):
     folder, other, bench = inputs
     out = report([folder, other], bench=[bench], output=tmp_path / "report", runs=[distill_run],
                  teacher="./ouro-1.4b")
-    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-             f"--user-data-dir={tmp_path / 'profile'}"]
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    from screenshot_report import MEASURE, chromium_flags
+
+    flags = [CHROMIUM, *chromium_flags(tmp_path / "profile"), "--window-size=1400,2400"]
     url = (out / "index.html").resolve().as_uri()
     shot = tmp_path / "shot.png"
-    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1400,2400", url], capture_output=True,
-                   timeout=120, check=False)
+    subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=False)
     assert shot.is_file() and shot.stat().st_size > 20_000, "chromium wrote no (or an empty) screenshot"
-    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=False).stdout
+    measured = tmp_path / "measure.html"
+    measured.write_text((out / "index.html").read_text().replace("</body>", MEASURE + "</body>"))
+    dom = subprocess.run([*flags, "--dump-dom", measured.as_uri()], capture_output=True, text=True, timeout=120,
+                         check=False).stdout
     assert '<table id="leaderboard">' in dom and "Ouro 1.4B (T=4)" in dom
     assert dom.count('src="data:image/png;base64,') == 5
+    widths = dict(part.split("=") for part in dom.split("<title>", 1)[1].split("</title>", 1)[0].split())
+    assert int(widths["scroll-width"]) <= int(widths["client-width"]), widths  # no sideways scrolling at 1,400 px
 
 
 def test_real_bench_json(inputs, tmp_path):
@@ -299,3 +305,14 @@ def test_report_output_policy_and_non_utf8_input(inputs, tmp_path, monkeypatch):
     here = CliRunner().invoke(main, ["report", str(other), "--baselines", "none", "-o", "."])
     assert here.exit_code == 1 and "current directory" in here.output and (out / "leaderboard.md").is_file()
     assert not list(tmp_path.glob(".*"))  # no staging folder left anywhere
+
+
+def test_a_student_at_zero_counts_in_the_quality_score():
+    """Recall lost completely must pull the score down, not drop out of it; only a teacher at 0 has no ratio."""
+    from lt2convert.report import Column, MetricKept, quality_score
+
+    acc, ppl = Column("acc", None), Column("ppl", None, higher_is_better=False)
+    items = [MetricKept(acc, 100.0, 0.0), MetricKept(acc, 80.0, 80.0), MetricKept(ppl, 10.0, 20.0),
+             MetricKept(acc, 0.0, 50.0)]
+    assert [item.kept for item in items] == [0.0, 100.0, 50.0, None]
+    assert quality_score(items) == (50.0, 3)
