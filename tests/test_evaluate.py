@@ -180,3 +180,14 @@ def test_exported_hybrid_scores_the_same_through_plain_lm_eval(tiny_model, tmp_p
     plain = json.loads(plain_file.read_text())["results"]["local_arc_easy"]
     for metric in ("acc,none", "acc_norm,none"):
         assert plain[metric] == pytest.approx(ours[metric], abs=1e-9), metric
+
+
+def test_eval_runs_on_cuda_by_default_where_there_is_one(monkeypatch):
+    import torch
+
+    from lt2convert.evaluate import default_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_device(None) == "cuda" and default_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device(None) is None  # where the model loads: the CPU
