@@ -7,11 +7,21 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from lt2convert.convert import LayerStats
 from lt2convert.modeling import LT2ForCausalLM
+
+
+@dataclass
+class LayerStats:
+    """Attention statistics of one layer from calibration text (averaged over loop steps and tokens)."""
+
+    mean_distance: torch.Tensor  # [heads] expected look-back t − s under the attention distribution
+    concentration: torch.Tensor  # [heads] mean max attention probability (how peaked each head is)
+    inputs: torch.Tensor  # [B, S, H] the mixer's inputs at loop step 0, to calibrate GDN's output scale
+    outputs: torch.Tensor  # [B, S, H] the attention's outputs for those inputs
 
 
 def capture_mixer_calls(model: LT2ForCausalLM, input_ids: torch.Tensor, on_call: Callable) -> None:

@@ -211,19 +211,24 @@ def plan(
     from lt2convert.plan import DECODE_CONTEXTS
     from lt2convert.plan import plan as make_plan
 
-    sensitivity = None
+    choose = None
     if strategy == "sensitivity":
-        sensitivity = {
+        from lt2convert.sensitivity import sensitivity_plan
+
+        settings = {
             "data": list(data) or default_training_data(),
             "tokens": parse_tokens(align_tokens, "--align-tokens"),
             "tokenizer": tokenizer,
             "keep_retrieval": keep_retrieval,
         }
+
+        def choose(spec):
+            return sensitivity_plan(source, spec, **settings)
     elif keep_retrieval:
         raise click.UsageError("--keep-retrieval needs --strategy sensitivity")
     report = make_plan(
         source,
-        sensitivity=sensitivity,
+        choose=choose,
         recipe=recipe,
         mix=mix,
         placement=placement,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from lt2convert.calibrate import LayerStats
 from lt2convert.io.checkpoint import LazyCheckpoint, read_config
 from lt2convert.io.outputs import atomic_directory, check_replaceable, sigterm_as_interrupt
 from lt2convert.io.writer import ShardedWriter
@@ -68,16 +69,6 @@ class InitOptions:
     @property
     def needs_calibration(self) -> bool:
         return "calibrate" in (self.gdn_decay, self.gdn_norm, self.dsa_heads)
-
-
-@dataclass
-class LayerStats:
-    """Attention statistics of one layer from calibration text (averaged over loop steps and tokens)."""
-
-    mean_distance: torch.Tensor  # [heads] expected look-back t − s under the attention distribution
-    concentration: torch.Tensor  # [heads] mean max attention probability (how peaked each head is)
-    inputs: torch.Tensor  # [B, S, H] the mixer's inputs at loop step 0, to calibrate GDN's output scale
-    outputs: torch.Tensor  # [B, S, H] the attention's outputs for those inputs
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import typing
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
@@ -786,11 +786,12 @@ def plan(
     batch: int = 8,
     contexts: tuple[int, ...] = DECODE_CONTEXTS,
     dtype: str = "bf16",
-    sensitivity: dict | None = None,
+    choose: Callable[[PlanSpec], Plan] | None = None,
 ) -> dict:
     """Make a plan for `source` (or check and cost an existing `plan_file`), optionally write it to `output`, and
-    return it as a dict together with its `cost`. `sensitivity` (keyword arguments of
-    `lt2convert.sensitivity.sensitivity_plan`) chooses the full-attention layers from data instead of placing them."""
+    return it as a dict together with its `cost`. `choose` (e.g. a `lt2convert.sensitivity.sensitivity_plan` bound
+    to its data) picks the full-attention layers for the recipe's spec instead of placing them: strategies that
+    train live above this module, which only builds, checks and costs plans."""
     from lt2convert.io.outputs import check_replaceable
     from lt2convert.loading import load_config
 
@@ -798,16 +799,14 @@ def plan(
         check_replaceable(Path(output), "plan")  # before any work: a refusal costs nothing
     config, _ = load_config(source)
     if plan_file is not None:
-        if any(given is not None for given in (recipe, mix, placement, layers, sensitivity)):
+        if any(given is not None for given in (recipe, mix, placement, layers, choose)):
             raise PlanError("--plan", ["cannot be combined with --recipe, --mix, --placement, --layers or --strategy"])
         chosen = read_plan(plan_file)
         check_plan_matches(chosen, config, source)
-    elif sensitivity is not None:
-        from lt2convert.sensitivity import sensitivity_plan
-
+    elif choose is not None:
         if placement is not None or layers is not None:
             raise PlanError("--strategy sensitivity", ["chooses the layers itself: drop --placement and --layers"])
-        chosen = sensitivity_plan(source, resolve_spec(recipe, mix), **sensitivity)
+        chosen = choose(resolve_spec(recipe, mix))
     else:
         chosen = build_plan(source, config, resolve_spec(recipe, mix, placement, layers))
     report = {**chosen.to_dict(), "cost": plan_costs(chosen, config, hardware(device, tflops, gbps), batch,
