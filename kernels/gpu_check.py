@@ -1,4 +1,5 @@
-"""CUDA check: fla's Triton GDN (our CUDA dispatch) against our CPU path in bf16, then the bench on CUDA.
+"""CUDA check: fla's Triton GDN (our CUDA dispatch) against our CPU path in bf16, the time of one distill align and
+kd step of a small looped hybrid, then the bench on CUDA.
 
     python -m lt2convert.kernels.gpu_check [--quick]
 
@@ -11,11 +12,13 @@ recurrence to 1e-5). Exits non-zero on a failed check, and before doing anything
 from __future__ import annotations
 
 import argparse
+import math
+import time
 
 import torch
 import torch.nn.functional as F
 
-from .bench import run_kernel_bench
+from .bench import _sync, run_kernel_bench
 from .gdn import gated_delta_rule
 
 RATIO_LIMITS = {
@@ -115,6 +118,61 @@ def check_swa_gdn_layer(
     return {name: error_ratio(a, b) for name, a, b in zip(("prefill", "decode"), ours, ref, strict=True)}
 
 
+# A small looped hybrid for the distill step timing: 2 loop steps, GDN mixers in two of four layers.
+DISTILL_MODEL = {
+    "vocab_size": 4096, "hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 8,
+    "num_key_value_heads": 8, "head_dim": 64, "total_ut_steps": 2, "gdn_num_heads": 4, "gdn_head_k_dim": 128,
+}
+DISTILL_LAYERS = ["full_attention", "gdn", "full_attention", "gdn"]
+
+
+def time_distill_steps(
+    device: str = "cuda", batch: int = 4, seq_len: int = 1024, repeats: int = 3, model: dict | None = None
+) -> dict[str, float]:
+    """Milliseconds of one distill align step and one kd step (every loop step's logits; bf16 autocast, forward
+    and backward, median of `repeats` after a warm-up that compiles the kernels) for a looped teacher and its GDN
+    student on `device`."""
+    from lt2convert.distill.recipe import Stage
+    from lt2convert.distill.train import STEPS, StepContext, add_step_logits, forward_precision, make_trainable
+    from lt2convert.modeling import LT2Config, LT2ForCausalLM
+
+    shape = {**DISTILL_MODEL, **(model or {}), "num_hidden_layers": len(DISTILL_LAYERS)}
+    torch.manual_seed(0)
+    teacher = LT2ForCausalLM(LT2Config(**shape, layer_types=["full_attention"] * len(DISTILL_LAYERS)))
+    student = LT2ForCausalLM(LT2Config(**shape, layer_types=DISTILL_LAYERS))
+    teacher.to(device).eval().requires_grad_(False)
+    student.to(device).train()
+    add_step_logits(student)
+    converted = [i for i, kind in enumerate(DISTILL_LAYERS) if kind != "full_attention"]
+    ids = torch.randint(0, shape["vocab_size"], (batch, seq_len), device=device)
+    timings = {}
+    for kind in ("align", "kd"):
+        stage = Stage(  # kd on every loop step's logits, as the shipped recipes do
+            name=kind, kind=kind, tokens=batch * seq_len, seq_len=seq_len, batch_size=batch, lr=1e-4,
+            every_step=kind == "kd",
+        )
+        trained, _ = make_trainable(student, stage, converted)
+        run = StepContext(teacher, trained, converted, stage, lambda loss: loss.backward(), torch.device(device))
+
+        def step(run: StepContext = run) -> None:
+            with forward_precision("bf16", {device}):
+                loss = STEPS[run.stage.kind](run, ids)["loss"]
+            if not math.isfinite(loss):
+                raise SystemExit(f"distill {run.stage.kind} step: loss {loss} is not finite")
+
+        step()  # warm-up: Triton compiles fla's kernels for these shapes
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times.append((time.perf_counter() - start) * 1e3)
+        student.zero_grad(set_to_none=True)
+        timings[f"{kind}_ms"] = sorted(times)[len(times) // 2]
+    return timings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -147,6 +205,10 @@ def main() -> None:
             failures.append(("swa_gdn layer", name, ratio))
     if failures:
         raise SystemExit(f"CUDA/CPU check failed for {len(failures)} tensors: {failures}")
+    layers = "/".join(DISTILL_LAYERS)
+    print(f"# distill steps, looped hybrid ({layers}, 2 loop steps, hidden 512), batch 4 x 1024 tokens, bf16")
+    for name, ms in time_distill_steps().items():
+        print(f"distill {name.removesuffix('_ms'):5} step {ms:9.1f} ms")
     run_kernel_bench(quick=args.quick, device="cuda")
 
 

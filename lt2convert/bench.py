@@ -27,31 +27,14 @@ from pathlib import Path
 import torch
 
 from lt2convert.costs import cache_bytes
+from lt2convert.errors import ConfigError
 from lt2convert.modeling import LoopedCache, LT2Config, LT2ForCausalLM
-from lt2convert.modeling.modeling_lt2 import cache_capacity, window_capacity
+from lt2convert.modeling.configuration_lt2 import cache_capacity, window_capacity
+from lt2convert.units import parse_context, parse_contexts
 
 BENCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CONTEXT_MODES = ("synthetic", "prefill")
 MIXER_LETTERS = {"full_attention": "F", "gdn": "G", "dsa": "D", "swa": "S", "swa_gdn": "M"}
-
-
-def parse_context(text: str) -> int:
-    """8192, 8K or 8k -> 8192; anything else is a ValueError."""
-    text = str(text).strip()
-    scale = 1024 if text[-1:] in ("k", "K") else 1
-    digits = text[:-1] if scale > 1 else text
-    if not digits.isdigit() or int(digits) <= 0:
-        raise ValueError(f"unknown context spec {text!r}: expected a token count such as 8192 or 8k")
-    return int(digits) * scale
-
-
-def parse_contexts(spec: str | int | list | tuple) -> list[int]:
-    """'1k,8k,32k' (or a list of counts / specs) -> sorted unique token counts."""
-    items = spec.split(",") if isinstance(spec, str) else list(spec) if isinstance(spec, list | tuple) else [spec]
-    contexts = sorted({parse_context(item) for item in items if str(item).strip()})
-    if not contexts:
-        raise ValueError(f"no context given in {spec!r}")
-    return contexts
 
 
 def mixer_summary(config: LT2Config) -> str:
@@ -105,7 +88,7 @@ def resolve_models(
             model, name = random_model(entry, seed), f"config {i}"
         elif is_plan_file(str(entry)):
             if not resolved:
-                raise ValueError(f"{entry}: a plan needs a source model before it (bench SOURCE --vs PLAN)")
+                raise ConfigError(f"{entry}: a plan needs a source model before it (bench SOURCE --vs PLAN)")
             config = plan_to_config(read_plan(entry), resolved[0].model.config)
             model, name = random_model(config, seed), f"{entry} (random init)"
         elif random:
@@ -154,7 +137,7 @@ def synthetic_slot(
         }
     if mixer == "gdn":
         return synthetic_gdn_slot(model.model.layers[layer].self_attn, config, batch, rand)
-    raise ValueError(f"layer {layer}: unknown mixer {mixer!r}")
+    raise ConfigError(f"layer {layer}: unknown mixer {mixer!r}")
 
 
 def synthetic_gdn_slot(gdn, config: LT2Config, batch: int, rand) -> dict:
@@ -277,20 +260,40 @@ def time_prefill(model: LT2ForCausalLM, batch: int, tokens: int, repeats: int, w
 
 
 @torch.no_grad()
-def time_decode(model: LT2ForCausalLM, cache: LoopedCache, batch: int, steps: int, warmup: int, seed: int) -> dict:
-    """Median seconds of one decoding step over `steps` timed steps, after `warmup` untimed ones."""
+def time_decode(
+    model: LT2ForCausalLM, cache: LoopedCache, batch: int, steps: int, warmup: int, seed: int,
+    exit_threshold: float | None = None,
+) -> dict:
+    """Median seconds of one decoding step over `steps` timed steps, after `warmup` untimed ones, and the mean
+    loop steps a timed step ran (with `exit_threshold`, adaptive exit: until the last row of the batch exits)."""
     device = model.model.embed_tokens.weight.device
     ids = random_ids(model, batch, warmup + steps, torch.Generator().manual_seed(seed))
-    times = []
+    mode = {} if exit_threshold is None else {"exit_threshold": exit_threshold}
+    times, loops = [], []
     for i in range(warmup + steps):
         synchronize(device)
         start = time.perf_counter()
-        model(ids[:, i : i + 1], cache=cache, use_cache=True)
+        out = model(ids[:, i : i + 1], cache=cache, use_cache=True, **mode)
         synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
+            ran = model.config.total_ut_steps if out.exit_steps is None else int(out.exit_steps.max()) + 1
+            loops.append(ran)
     seconds = statistics.median(times)
-    return {"seconds_per_step": seconds, "tokens_per_s": batch / seconds, "steps": steps, "warmup": warmup}
+    return {
+        "seconds_per_step": seconds, "tokens_per_s": batch / seconds, "steps": steps, "warmup": warmup,
+        "loop_steps_per_token": statistics.fmean(loops),
+    }
+
+
+def check_exit_threshold(models: list[BenchModel], exit_threshold: float | None) -> None:
+    if exit_threshold is None:
+        return
+    if not 0.0 < exit_threshold <= 1.0:
+        raise ConfigError(f"--exit-threshold must be within (0, 1], got {exit_threshold}")
+    for entry in models:
+        if not entry.model.config.use_exit_gate:
+            raise ConfigError(f"--exit-threshold: {entry.name} has no exit gate (not a looped model)")
 
 
 def ratio(value: float | None, first: float | None) -> float | None:
@@ -318,6 +321,7 @@ def bench(
     warmup: int = 2,
     repeats: int = 3,
     seed: int = 0,
+    exit_threshold: float | None = None,
 ) -> dict:
     """Benchmark `models` (in-memory models, LT2Configs, plan files, or anything `load_model` accepts) on one
     device: prefill tokens/s at `prefill` tokens (default: the smallest context), decode tokens/s, peak memory
@@ -325,27 +329,30 @@ def bench(
 
     context_mode: 'synthetic' (random cache of a real prefill's exact shapes; default on CPU) or 'prefill' (a
     real prefill of a random prompt; default on CUDA).
+    exit_threshold: decode with adaptive exit at this threshold (tokens stop looping once their exit mass
+    reaches it; see LT2ForCausalLM); each context then reports the loop steps run per decoded token.
     """
     if not models:
-        raise ValueError("no model to benchmark")
+        raise ConfigError("no model to benchmark")
     if batch <= 0:
-        raise ValueError(f"--batch-size must be > 0, got {batch}")
+        raise ConfigError(f"--batch-size must be > 0, got {batch}")
     if decode_tokens <= 0:
-        raise ValueError(f"--decode-tokens must be > 0, got {decode_tokens}")
+        raise ConfigError(f"--decode-tokens must be > 0, got {decode_tokens}")
     if repeats <= 0 or warmup < 0:
-        raise ValueError(f"repeats must be > 0 and warmup >= 0, got {repeats} and {warmup}")
+        raise ConfigError(f"repeats must be > 0 and warmup >= 0, got {repeats} and {warmup}")
     if dtype not in BENCH_DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(BENCH_DTYPES)}")
+        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(BENCH_DTYPES)}")
     contexts = parse_contexts(contexts)
     prefill_tokens = parse_context(prefill) if prefill is not None else contexts[0]
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if target.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
+        raise ConfigError("--device cuda: no CUDA device is available")
     mode = context_mode or ("prefill" if target.type == "cuda" else "synthetic")
     if mode not in CONTEXT_MODES:
-        raise ValueError(f"context mode {mode!r} is not one of {', '.join(CONTEXT_MODES)}")
+        raise ConfigError(f"context mode {mode!r} is not one of {', '.join(CONTEXT_MODES)}")
     torch_dtype = BENCH_DTYPES[dtype]
     resolved = resolve_models(list(models), names, random, target, torch_dtype, seed)
+    check_exit_threshold(resolved, exit_threshold)
     memory = PeakMemory(target)
 
     results = []
@@ -368,7 +375,7 @@ def bench(
                 ids = random_ids(model, batch, context, torch.Generator().manual_seed(seed))
                 cache = prefill_cache(model, ids)
             measured = cache.nbytes()
-            timing = time_decode(model, cache, batch, decode_tokens, warmup, seed)
+            timing = time_decode(model, cache, batch, decode_tokens, warmup, seed, exit_threshold)
             peak = memory.peak()
             del cache
             row["decode"][str(context)] = {
@@ -401,6 +408,7 @@ def bench(
         "warmup": warmup,
         "repeats": repeats,
         "context_mode": mode,
+        "exit_threshold": exit_threshold,
         "memory_method": memory.method,
         "notes": [
             "decode tokens/s = batch / median seconds of one decoding step; prefill tokens/s = batch × prefill "
@@ -411,6 +419,19 @@ def bench(
             else "prefill context: the cache comes from a real prefill of a random prompt",
             "ratios are to the first model; cache_bytes is LoopedCache.nbytes() at the context, "
             "cost_model_cache_bytes is lt2convert.costs.cache_bytes",
+            *exit_notes(results, exit_threshold),
         ],
         "models": results,
     }
+
+
+def exit_notes(results: list[dict], exit_threshold: float | None) -> list[str]:
+    """With adaptive exit, the loop steps run per decoded token, per model and context."""
+    if exit_threshold is None:
+        return []
+    per_model = [
+        f"[{i}] " + ", ".join(f"{f['loop_steps_per_token']:.2f} at {f['context']:,}" for f in row["decode"].values())
+        + f" (of {row['loop_steps']})"
+        for i, row in enumerate(results)
+    ]
+    return [f"adaptive exit at threshold {exit_threshold:g}: loop steps run per decoded token " + "; ".join(per_model)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 import os
 import sys
@@ -42,19 +44,31 @@ class CLIError(click.ClickException):
 
 
 def fail_cleanly(func):
-    """Turn the library's input errors into one-line messages instead of tracebacks."""
+    """Turn the library's diagnosed errors (LT2Error) into one-line messages; any other error is a bug and keeps
+    its traceback."""
     import functools
+
+    from lt2convert.errors import LT2Error
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except (ValueError, OSError, RuntimeError, NotImplementedError) as err:
+        except LT2Error as err:
             if os.environ.get("LT2CONVERT_DEBUG"):
                 raise
             raise CLIError(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
+        except OSError as err:
+            # The user's file system said no (permissions, a missing or full disk): their fix, not our bug.
+            if err.errno not in USER_FILE_ERRORS or err.filename is None or os.environ.get("LT2CONVERT_DEBUG"):
+                raise
+            raise CLIError(f"{err.filename}: {err.strerror}") from err
 
     return wrapper
+
+
+USER_FILE_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOSPC, errno.EROFS, errno.EISDIR, errno.ENOTDIR,
+                    errno.EDQUOT}
 
 
 def emit(report: dict, as_json: bool, printer: str) -> None:
@@ -96,20 +110,17 @@ Examples:
 """
 
 
-def context_length(text: str) -> int:
-    """8192, 8K or 8k -> 8192."""
-    scale = 1024 if text[-1:] in ("k", "K") else 1
-    digits = text[:-1] if scale > 1 else text
-    if not digits.isdigit():
-        raise click.BadParameter(f"{text!r} is not a token count such as 8192 or 8K")
-    return int(digits) * scale
-
-
 def context_lengths(text: str | tuple[int, ...]) -> tuple[int, ...]:
-    """'8k,32k' -> (8192, 32768)."""
+    """'8k,32k' -> (8192, 32768); anything else is a usage error."""
     if isinstance(text, tuple):
         return text
-    return tuple(context_length(part.strip()) for part in text.split(",") if part.strip())
+    from lt2convert.errors import ConfigError
+    from lt2convert.units import parse_contexts
+
+    try:
+        return tuple(parse_contexts(text))
+    except ConfigError as err:
+        raise click.BadParameter(str(err)) from None
 
 
 def renamed(new: str):
@@ -207,9 +218,9 @@ def plan(
     dtype: str,
 ) -> None:
     """Choose which layers of SOURCE become GDN, DSA or SWA, write plan.yaml, and compare costs."""
-    from lt2convert.distill.recipe import parse_tokens
     from lt2convert.plan import DECODE_CONTEXTS
     from lt2convert.plan import plan as make_plan
+    from lt2convert.units import parse_tokens
 
     choose = None
     if strategy == "sensitivity":
@@ -306,8 +317,6 @@ def convert(
     overwrite,
 ) -> None:
     """Convert SOURCE into the LT2 hybrid a plan describes, new mixers initialised from the attention."""
-    from dataclasses import replace
-
     from lt2convert.convert import InitOptions
     from lt2convert.convert import convert as run_convert
 
@@ -318,7 +327,7 @@ def convert(
         "dsa_heads": init_dsa_heads,
         "seed": seed,
     }
-    init = replace(InitOptions(), **{k: v for k, v in chosen.items() if v is not None})
+    init = dataclasses.replace(InitOptions(), **{k: v for k, v in chosen.items() if v is not None})
     out = run_convert(
         source,
         plan_file,
@@ -360,6 +369,9 @@ Examples:
     "exact shapes). Default: synthetic on CPU, real prefill on CUDA.",
 )
 @click.option("--random", "random_init", is_flag=True, help="Random-init models from each source's config.")
+@click.option("--exit-threshold", type=float,
+              help="Decode with adaptive exit: a token stops looping once its exit mass reaches this (0-1]; "
+              "reports the loop steps run per decoded token.")
 @click.option("--warmup", type=int, default=2, show_default=True, help="Untimed steps before timing.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timed prefill repeats (median).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -368,8 +380,8 @@ Examples:
               help="Also write the JSON object to this file (the input of `report --bench`).")
 @fail_cleanly
 def bench(
-    model, others, contexts, batch_size, decode_tokens, prefill, device, dtype, real_prefill, random_init, warmup,
-    repeats, seed, as_json, output,
+    model, others, contexts, batch_size, decode_tokens, prefill, device, dtype, real_prefill, random_init,
+    exit_threshold, warmup, repeats, seed, as_json, output,
 ) -> None:
     """Measure prefill and decoding speed, peak memory and cache bytes of MODEL (and --vs models) on one device."""
     from lt2convert.bench import bench as run_bench
@@ -382,6 +394,7 @@ def bench(
     report = run_bench(
         [model, *others], contexts, batch_size, decode_tokens=decode_tokens, prefill=prefill, device=device,
         dtype=dtype, context_mode=mode, random=random_init, warmup=warmup, repeats=repeats, seed=seed,
+        exit_threshold=exit_threshold,
     )
     if output is not None:
         from lt2convert.io.outputs import atomic_write_text
@@ -529,7 +542,7 @@ def distill(
     """Distill a converted STUDENT from its teacher, stage by stage (align, kd, finetune) as the recipe says."""
     from lt2convert.distill import DistillConfig, config_from_run, load_stages, scale_budgets
     from lt2convert.distill import distill as run_distill
-    from lt2convert.distill.recipe import parse_tokens
+    from lt2convert.units import parse_tokens
 
     if dry_run:
         project_distill(student, teacher, recipe, tokens, gradient_checkpointing, gpus, gpu, mfu)
@@ -537,8 +550,7 @@ def distill(
     if output is None:
         raise click.UsageError("give -o/--output, the run folder")
     if resume and student is None:
-        config = config_from_run(output)
-        config.progress = not no_progress
+        config = dataclasses.replace(config_from_run(output), progress=not no_progress)
     else:
         if student is None or teacher is None or recipe is None:
             raise click.UsageError("give STUDENT, --teacher and --recipe (or --resume -o RUN to continue a run)")
@@ -552,7 +564,7 @@ def distill(
             keep_checkpoints=keep_checkpoints, teacher_device=teacher_device,
             gradient_checkpointing=gradient_checkpointing, precision=precision, progress=not no_progress,
         )
-    config.log_with = list(log_with)
+    config = dataclasses.replace(config, log_with=list(log_with))  # validated again
     result = run_distill(config, resume=resume)
     click.echo(f"wrote {result.final} ({result.tokens:,} tokens trained over {len(result.stages)} stages)")
 
@@ -561,8 +573,8 @@ def project_distill(student, teacher, recipe, tokens, checkpointing: bool, gpus:
     from lt2convert.costs import hardware
     from lt2convert.distill import load_stages, scale_budgets
     from lt2convert.distill.budget import format_costs, planned_student, recipe_costs
-    from lt2convert.distill.recipe import parse_tokens
     from lt2convert.loading import load_config
+    from lt2convert.units import parse_tokens
 
     if teacher is None or recipe is None:
         raise click.UsageError("--dry-run needs --teacher and --recipe (STUDENT is optional)")
@@ -586,6 +598,7 @@ PIPELINE_EXAMPLES = """
 Examples:
   lt2convert pipeline                                    # the CPU demo: SmolLM2-135M, minutes on 2 cores
   lt2convert pipeline ouro-1.4b --tokens 1B -o runs/ouro # the real job (GPU, hub access)
+  lt2convert pipeline smollm2-looped                     # a looped teacher (CPU), with the adaptive-exit sweep
   lt2convert pipeline ./ckpt --recipe my-recipe.yaml --data corpus.jsonl --limit recall:20 --contexts 1k,8k
   lt2convert pipeline --fresh                            # start over instead of continuing runs/smollm2-135m
 """
@@ -594,7 +607,7 @@ Examples:
 @main.command("pipeline", epilog=PIPELINE_EXAMPLES)
 @click.argument("source", required=False, default="smollm2-135m")
 @click.option("--recipe", help="Recipe (plan: and stages:). Default: smollm2-135m-demo for smollm2-135m, "
-              "otherwise ouro-1.4b-full-gdn.")
+              "smollm2-looped-demo for smollm2-looped, otherwise ouro-1.4b-full-gdn.")
 @click.option("--tokens", help="Total distillation tokens, e.g. 200k, 1B; stage budgets keep the recipe's ratios.")
 @click.option("--data", multiple=True, help="Training text as for `distill --data`; repeatable "
               "(default: the Austen novels and Shakespeare training splits).")
@@ -628,7 +641,10 @@ def pipeline_command(source, recipe, tokens, data, suites, limit, contexts, base
 
 
 @main.command("fetch-asset")
-@click.argument("name", type=click.Choice(["smollm2-135m", "shakespeare", "austen", "jargon", "devils-dictionary"]))
+@click.argument(
+    "name",
+    type=click.Choice(["smollm2-135m", "shakespeare", "austen", "jargon", "devils-dictionary", "smollm2-looped"]),
+)
 @click.option("--force", is_flag=True, help="Rebuild even if the asset is already cached.")
 @fail_cleanly
 def fetch_asset_command(name: str, force: bool) -> None:

@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from lt2convert.calibrate import LayerStats
+from lt2convert.errors import ConfigError, OutputExistsError
 from lt2convert.io.checkpoint import LazyCheckpoint, read_config
 from lt2convert.io.outputs import atomic_directory, check_replaceable, sigterm_as_interrupt
-from lt2convert.io.writer import ShardedWriter
+from lt2convert.io.writer import SAFETENSORS_DTYPES, ShardedWriter
 from lt2convert.loading import (
     ResolvedSource,
     check_tensors,
@@ -64,7 +65,7 @@ class InitOptions:
             ("dsa_heads", ("spread", "calibrate")),
         ):
             if getattr(self, field) not in allowed:
-                raise ValueError(f"init {field}={getattr(self, field)!r}; expected one of {list(allowed)}")
+                raise ConfigError(f"init {field}={getattr(self, field)!r}; expected one of {list(allowed)}")
 
     @property
     def needs_calibration(self) -> bool:
@@ -103,7 +104,7 @@ def check_gdn_matches_attention(source: LT2Config, target: LT2Config) -> None:
     if source.attention_bias:
         problems.append("the attention has q/k/v biases, which GDN projections do not have")
     if problems:
-        raise ValueError("cannot initialise GDN from attention: " + "; ".join(problems))
+        raise ConfigError("cannot initialise GDN from attention: " + "; ".join(problems))
 
 
 def multiscale_spans(heads: int, max_span: float) -> torch.Tensor:
@@ -171,10 +172,9 @@ def gdn_decay(
         return decay_params_for_spans(stats.mean_distance.float() + 1.0)
     if init.gdn_decay == "multiscale":
         return decay_params_for_spans(multiscale_spans(heads, source.max_position_embeddings))
-    a_log = torch.empty(heads).uniform_(0, 16, generator=generator).log()  # fla's default
-    log_lo, log_hi = math.log(1e-3), math.log(1e-1)
-    dt = torch.exp(torch.rand(heads, generator=generator) * (log_hi - log_lo) + log_lo).clamp(min=1e-4)
-    return a_log, dt + torch.log(-torch.expm1(-dt))
+    from lt2convert.modeling.modeling_lt2 import fla_gdn_decay
+
+    return fla_gdn_decay(heads, generator)
 
 
 def short_conv_init(init: InitOptions, channels: int, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -238,7 +238,7 @@ def choose_index_heads(source: LT2Config, target: LT2Config, stats: LayerStats |
         blocks = [round(i * source.num_key_value_heads / n_blocks) for i in range(n_blocks)]
         candidates = [b * groups + g for g in range(groups) for b in blocks]  # round-robin over blocks
     if n_heads > len(candidates):
-        raise ValueError(f"dsa_index_n_heads={n_heads} exceeds the {len(candidates)} heads of {n_blocks} kv heads")
+        raise ConfigError(f"dsa_index_n_heads={n_heads} exceeds the {len(candidates)} heads of {n_blocks} kv heads")
     return sorted(candidates[:n_heads])
 
 
@@ -267,10 +267,8 @@ def convert_layer(
     """One layer's output tensors. Everything but the mixer is passed through untouched."""
     source, target = conv.source, conv.target
     mixer = target.layer_types[index]
-    prefix = f"model.layers.{index}.self_attn."
-    if source.layer_types[index] != "full_attention" and mixer != source.layer_types[index]:
-        raise ValueError(f"layer {index}: converting {source.layer_types[index]} to {mixer} is not supported")
-    if mixer in ("full_attention", "swa") or mixer == source.layer_types[index]:
+    prefix = rewritten_mixer(index, conv)
+    if prefix is None:
         return tensors
     attn = {name.removeprefix(prefix): t for name, t in tensors.items() if name.startswith(prefix)}
     kept = {name: t for name, t in tensors.items() if not name.startswith(prefix)}
@@ -282,6 +280,17 @@ def convert_layer(
     else:
         new = gdn_from_attention(attn, conv, stats)
     return kept | {prefix + name: t for name, t in new.items()}
+
+
+def rewritten_mixer(index: int, conv: Conversion) -> str | None:
+    """The name prefix of layer `index`'s mixer tensors when the conversion rewrites them, else None (the layer's
+    tensors all pass through: the same mixer, or an attention whose weights SWA reuses as they are)."""
+    old, new = conv.source.layer_types[index], conv.target.layer_types[index]
+    if old != "full_attention" and new != old:
+        raise ConfigError(f"layer {index}: converting {old} to {new} is not supported")
+    if new in ("full_attention", "swa") or new == old:
+        return None
+    return f"model.layers.{index}.self_attn."
 
 
 def swa_gdn_memory_from_attention(
@@ -343,7 +352,7 @@ def convert_checkpoint(
 
     init = init or InitOptions()
     if init.needs_calibration and stats is None:
-        raise ValueError("the calibrate init options need attention statistics (pass a calibration text)")
+        raise ConfigError("the calibrate init options need attention statistics (pass a calibration text)")
     resolved = source if isinstance(source, ResolvedSource) else resolve_checkpoint(source)
     src_config = config_from_dict(read_config(resolved.folder), str(resolved.folder / "config.json"))
     check_same_architecture(src_config, target)
@@ -355,13 +364,27 @@ def convert_checkpoint(
     with sigterm_as_interrupt(), atomic_directory(Path(out), overwrite=overwrite) as staging:
         hashes = hash_inputs_in_background(resolved.folder)
         writer = ShardedWriter(staging, max_shard_bytes)
+        stored_as_output = SAFETENSORS_DTYPES[str(out_dtype).removeprefix("torch.")]
+
+        def pass_through(name: str) -> None:
+            info = checkpoint.tensors[name]
+            if info.dtype == stored_as_output:
+                writer.add_stored(info)
+            else:
+                writer.add(name, checkpoint.get(name).to(out_dtype))
+
         for name in other:
-            writer.add(name, checkpoint.get(name).to(out_dtype))
+            pass_through(name)
         for index in sorted(layers):
-            tensors = {name: checkpoint.get(name) for name in layers[index]}
-            layer_stats = stats.get(index) if stats else None
-            for name, tensor in convert_layer(index, tensors, conv, layer_stats).items():
-                writer.add(name, tensor.to(out_dtype))
+            prefix = rewritten_mixer(index, conv)
+            for name in layers[index]:
+                if prefix is None or not name.startswith(prefix):
+                    pass_through(name)
+            if prefix is not None:
+                mixer = {name: checkpoint.get(name) for name in layers[index] if name.startswith(prefix)}
+                layer_stats = stats.get(index) if stats else None
+                for name, tensor in convert_layer(index, mixer, conv, layer_stats).items():
+                    writer.add(name, tensor.to(out_dtype))
         files = writer.finish()
         write_export_files(
             staging,
@@ -395,7 +418,7 @@ def check_same_architecture(source: LT2Config, target: LT2Config) -> None:
         if getattr(source, f) != getattr(target, f)
     ]
     if mismatched:
-        raise ValueError("the target config does not describe this checkpoint: " + "; ".join(mismatched))
+        raise ConfigError("the target config does not describe this checkpoint: " + "; ".join(mismatched))
 
 
 def calibration_ids(source_folder: Path, text_path: str | Path, tokens: int, windows: int = 2) -> torch.Tensor:
@@ -406,7 +429,7 @@ def calibration_ids(source_folder: Path, text_path: str | Path, tokens: int, win
     text = read_text_file(path, "calibration text")  # the same check as distill's training text
     ids = load_tokenizer(source_folder, "the source")(text[: tokens * windows * 16], verbose=False).input_ids
     if len(ids) < tokens * windows:
-        raise ValueError(f"{path}: {len(ids)} tokens; calibration needs at least {tokens * windows}")
+        raise ConfigError(f"{path}: {len(ids)} tokens; calibration needs at least {tokens * windows}")
     return torch.tensor(ids[: tokens * windows]).view(windows, tokens)
 
 
@@ -429,7 +452,7 @@ def convert(
 
     init = init or InitOptions()
     if Path(out).exists() and not overwrite:
-        raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
+        raise OutputExistsError(f"{out}: already exists (pass --overwrite to replace it)")
     check_replaceable(Path(out), "model")  # refused before any work, not after the conversion
     the_plan = read_plan(plan)
     resolved = resolve_checkpoint(source)

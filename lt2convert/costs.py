@@ -8,10 +8,12 @@ docs/cost-model.md states the assumptions and compares the projections with LT2'
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from dataclasses import dataclass, replace
 
+from lt2convert.errors import ConfigError
 from lt2convert.modeling import LT2Config
-from lt2convert.modeling.modeling_lt2 import cache_capacity, window_capacity, window_keys
+from lt2convert.modeling.configuration_lt2 import cache_capacity, window_capacity, window_keys
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 RECURRENT_STATE_BYTES = 4  # GDN's recurrent state is kept in fp32 whatever the activation dtype
@@ -96,6 +98,74 @@ def kv_cache_bytes_per_token(config: LT2Config, dtype: str = "bf16") -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Parameter counts from the config alone. The runtime's meta-device model gives the same counts (a test checks
+# every mixer); counting here keeps `plan` from importing the model code, which costs seconds of start-up.
+
+
+def linear_params(fan_in: int, fan_out: int, bias: bool = False) -> int:
+    return fan_in * fan_out + (fan_out if bias else 0)
+
+
+def attention_params(config: LT2Config) -> int:
+    h, d = config.hidden_size, config.head_dim
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    return (
+        linear_params(h, q, config.attention_bias)
+        + 2 * linear_params(h, kv, config.attention_bias)
+        + linear_params(q, h, config.o_proj_bias)
+    )
+
+
+def gdn_params(config: LT2Config, output_projection: bool = True) -> int:
+    h = config.hidden_size
+    heads, head_k, head_v = gdn_dims(config)
+    key_dim, value_dim = heads * head_k, heads * head_v
+    total = linear_params(h, 2 * key_dim + value_dim) + 2 * linear_params(h, heads) + 2 * heads  # A_log, dt_bias
+    if config.gdn_use_short_conv:
+        total += (2 * key_dim + value_dim) * config.gdn_conv_size
+    if config.gdn_use_gate:
+        total += linear_params(h, value_dim)
+    total += head_v  # the output norm's weight
+    if output_projection:
+        total += linear_params(value_dim, h)
+    return total
+
+
+def indexer_params(config: LT2Config) -> int:
+    h, heads, dim = config.hidden_size, config.dsa_index_n_heads, config.dsa_index_head_dim
+    return linear_params(h, heads * dim) + linear_params(h, dim) + linear_params(h, heads, bias=True)
+
+
+def mixer_params(config: LT2Config, mixer: str) -> int:
+    if mixer in ("full_attention", "swa"):
+        return attention_params(config)
+    if mixer == "dsa":
+        return attention_params(config) + indexer_params(config)
+    if mixer == "gdn":
+        return gdn_params(config)
+    if mixer == "swa_gdn":  # the window's attention, a GDN sharing its output projection, a per-head gate
+        return attention_params(config) + gdn_params(config, output_projection=False) + config.num_attention_heads
+    raise ValueError(f"unknown mixer {mixer!r}")
+
+
+def parameter_counts(config: LT2Config) -> dict[str, int]:
+    """Parameter counts by component, as `lt2convert.summary.parameter_breakdown` reports them."""
+    h, mlp = config.hidden_size, config.intermediate_size
+    counts: Counter[str] = Counter()
+    for mixer in config.layer_types:
+        counts[f"mixer:{mixer}"] += mixer_params(config, mixer)
+    layers = config.num_hidden_layers
+    counts["mlp"] = layers * (2 * linear_params(h, mlp, config.mlp_bias) + linear_params(mlp, h, config.mlp_bias))
+    counts["layer_norms"] = layers * h * (4 if config.sandwich_norm else 2)
+    counts["embeddings"] = config.vocab_size * h
+    if not config.tie_word_embeddings:
+        counts["lm_head"] = config.vocab_size * h
+    counts["final_norm"] = h
+    if config.use_exit_gate:
+        counts["exit_gate"] = h + 1
+    return dict(counts)
+
+
 # Compute and memory traffic, and a roofline projection of decoding speed.
 #
 # Weights: 2 FLOPs per parameter per token (the matrix-multiply rule; vectors such as norm weights are < 0.1% of
@@ -151,11 +221,11 @@ HARDWARE = {
 def hardware(device: str = "h100", tflops: float | None = None, gbps: float | None = None) -> Hardware:
     """A device from HARDWARE, with the figures given explicitly replacing its own (memory is kept)."""
     if device not in HARDWARE:
-        raise ValueError(f"unknown device {device!r}; expected one of {', '.join(HARDWARE)}")
+        raise ConfigError(f"unknown device {device!r}; expected one of {', '.join(HARDWARE)}")
     base = HARDWARE[device]
     for name, value in (("tflops", tflops), ("gbps", gbps)):
         if value is not None and value <= 0:
-            raise ValueError(f"--{name} must be > 0, got {value}")
+            raise ConfigError(f"--{name} must be > 0, got {value}")
     if tflops is None and gbps is None:
         return base
     return replace(

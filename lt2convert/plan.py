@@ -8,13 +8,15 @@ documented in docs/plan-format.md, the cost model in docs/cost-model.md.
 
 from __future__ import annotations
 
-import math
 import typing
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, TypeAdapter, ValidationError
 
 from lt2convert.costs import (
     DTYPE_BYTES,
@@ -25,66 +27,82 @@ from lt2convert.costs import (
     fixed_state_bytes,
     hardware,
     kv_cache_bytes_per_token,
+    parameter_counts,
     prefill_flops,
 )
+from lt2convert.errors import PlanError
 from lt2convert.io.outputs import PLAN_HEADER, atomic_write_text
 from lt2convert.loading import architecture, derive_config
 from lt2convert.modeling import MIXER_TYPES, LT2Config
+from lt2convert.placement import (
+    FULL,
+    LAYERS_SCHEMA,
+    MIX_SCHEMA,
+    PLACEMENTS,
+    PlanSpec,
+    choose_layers,
+    parse_layer_assignments,
+    parse_mix,
+)
+from lt2convert.placement import ends as ends  # re-exported: `from lt2convert.plan import ends` keeps working
+from lt2convert.placement import interleave as interleave
+from lt2convert.schema import (
+    Flag,
+    NonNegativeInt,
+    Number,
+    OptionalText,
+    PositiveInt,
+    PositiveNumber,
+    Text,
+    overrides_of,
+    problems_of,
+    record,
+)
 
 PLAN_FORMAT = "lt2convert/plan"
 PLAN_VERSION = 1
-FULL = "full_attention"
-PLACEMENTS = ("interleave", "ends", "explicit")
 # How a plan's layers were chosen: a placement, or data-driven ranking (lt2convert.sensitivity).
 STRATEGIES = (*PLACEMENTS, "sensitivity")
-NAMED_MIXES = {
-    "all-gdn": {"gdn": 1},  # LT2-linear
-    "all-dsa": {"dsa": 1},  # LT2-sparse
-    "all-swa": {"swa": 1},  # LT2-sparse with a sliding window
-    "gdn-dsa": {"gdn": 1, "dsa": 1},  # LT2-hybrid, fully linear-time
-}
 DEFAULT_RECIPE = "ouro-1.4b-full-gdn"
 CACHE_CONTEXTS = (8192, 32768, 65536)  # the cache sizes `inspect` reports
 DECODE_CONTEXTS = (8192, 32768)  # LT2 reports decoding speed at 8K
-
-
-class PlanError(ValueError):
-    """A plan, recipe or strategy that cannot be used; the one-line message names every offending field."""
-
-    def __init__(self, origin: str, problems: list[str]):
-        super().__init__(f"{origin}: {'; '.join(problems)}")
-        self.problems = problems
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The plan
 
 
-@dataclass(frozen=True)
+@record
 class GDNSettings:
-    num_heads: int
-    head_k_dim: int
-    expand_v: float
-    conv_size: int
-    use_short_conv: bool
-    use_gate: bool
-    allow_neg_eigval: bool
+    num_heads: PositiveInt
+    head_k_dim: PositiveInt
+    expand_v: PositiveNumber
+    conv_size: PositiveInt
+    use_short_conv: Flag
+    use_gate: Flag
+    allow_neg_eigval: Flag
+
+    def __post_init__(self) -> None:
+        if not float(self.head_k_dim * self.expand_v).is_integer():
+            raise ValueError(
+                f"head_k_dim × expand_v must be a whole number of value dims, got {self.head_k_dim} × {self.expand_v}"
+            )
 
 
-@dataclass(frozen=True)
+@record
 class DSASettings:
-    index_n_heads: int
-    index_head_dim: int
-    topk: int
+    index_n_heads: PositiveInt
+    index_head_dim: PositiveInt
+    topk: PositiveInt
 
 
-@dataclass(frozen=True)
+@record
 class SWASettings:
-    window: int
+    window: PositiveInt
     # Attention sinks: the first tokens stay visible to every query, as StreamingLLM keeps them. Pretrained models
     # park attention there; without them an untrained 1:3 Full+SWA SmolLM2 (window 512) has 1.5-1.7x the
     # teacher's perplexity on held-out text, with 4 of them 1.04-1.06x. Absent from a plan file: 0 (older plans).
-    sinks: int = 0
+    sinks: NonNegativeInt = 0
 
 
 MixerSettings = GDNSettings | DSASettings | SWASettings
@@ -99,33 +117,33 @@ def settings_used(mixers: typing.Iterable[str]) -> set[str]:
     return {section for m in mixers for section in MIXER_PARTS.get(m, (m,)) if section in SETTINGS}
 
 
-@dataclass(frozen=True)
+@record
 class PlanSource:
     """The checkpoint a plan was made for: where it comes from and the shape it must have."""
 
-    id: str  # preset name, hub id or absolute folder path
-    kind: str  # preset | hub | path
-    hub_id: str | None
-    revision: str | None
-    model_type: str
-    num_hidden_layers: int
-    hidden_size: int
+    id: Text  # preset name, hub id or absolute folder path
+    kind: Literal["preset", "hub", "path"]
+    hub_id: OptionalText
+    revision: OptionalText
+    model_type: Text
+    num_hidden_layers: PositiveInt
+    hidden_size: PositiveInt
 
 
-@dataclass(frozen=True)
+@record
 class LayerPlan:
-    index: int
-    mixer: str
+    index: Annotated[int, Field(strict=True)]  # in range for the source: checked against source.num_hidden_layers
+    mixer: Literal[MIXER_TYPES]  # type: ignore[valid-type]  # the runtime's mixers, spelled once there
 
 
-@dataclass(frozen=True)
+@record
 class Strategy:
     """How the layers were chosen. Provenance only: `layers` is what convert follows."""
 
-    name: str  # the placement: interleave | ends | explicit
-    recipe: str | None  # the recipe it started from; None when options replaced the default recipe
+    name: Literal[STRATEGIES]  # type: ignore[valid-type]  # a placement, or sensitivity
+    recipe: OptionalText  # the recipe it started from; None when options replaced the default recipe
     params: dict  # the mix and, for explicit placement, the listed layers
-    scores: tuple[float, ...] | None  # per-layer scores, reserved for the data-driven 'sensitivity' strategy
+    scores: tuple[Number, ...] | None  # per-layer scores of the data-driven 'sensitivity' strategy
 
 
 @dataclass(frozen=True)
@@ -247,311 +265,93 @@ class FlowMap(dict):
     """A mapping plan.yaml writes on one line."""
 
 
+@record
+class PlanMixers:
+    """Settings of every mixer type the layers use besides full attention (the keys of SETTINGS)."""
+
+    gdn: GDNSettings | None = None
+    dsa: DSASettings | None = None
+    swa: SWASettings | None = None
+
+
+@record
+class PlanFile:
+    """plan.yaml as written by `lt2convert plan` (docs/plan-format.md, docs/plan.schema.json)."""
+
+    format: Literal[PLAN_FORMAT]
+    version: Literal[PLAN_VERSION]
+    source: PlanSource
+    layers: list[LayerPlan]
+    mixers: PlanMixers
+    strategy: Strategy
+
+    def to_plan(self) -> Plan:
+        mixers = {name: getattr(self.mixers, name) for name in SETTINGS if getattr(self.mixers, name) is not None}
+        layers = tuple(sorted(self.layers, key=lambda layer: layer.index))
+        return Plan(self.source, layers, mixers, self.strategy)
+
+
+PLAN_FILE = TypeAdapter(PlanFile)
+
+
+def plan_json_schema() -> dict:
+    """The JSON Schema of plan.yaml (docs/plan.schema.json)."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **PLAN_FILE.json_schema()}
+
+
 def parse_plan(data: object, origin: str = "plan") -> Plan:
-    problems: list[str] = []
-    top = mapping(data, "", ("format", "version", "source", "layers", "mixers", "strategy"), problems)
-    if top.get("format", PLAN_FORMAT) != PLAN_FORMAT:
-        problems.append(f"format: expected {PLAN_FORMAT!r}, got {top['format']!r}")
-    if "version" in top and top["version"] != PLAN_VERSION:
-        problems.append(f"version: this lt2convert reads version {PLAN_VERSION}, got {top['version']!r}")
-    # An absent section is reported once, as missing, and not parsed.
-    source = parse_source_record(top["source"], problems) if "source" in top else None
-    num_layers = source.num_hidden_layers if source is not None else None
-    layers = parse_layers(top["layers"], num_layers, problems) if "layers" in top else []
-    sections = mapping(top.get("mixers", {}), "mixers", tuple(SETTINGS), problems, required=())
-    mixers = {}
-    for mixer, data in sections.items():
-        values = settings_values(mixer, data, f"mixers.{mixer}", problems, complete=True)
-        if values is not None:
-            mixers[mixer] = make_settings(mixer, values, f"mixers.{mixer}", problems)
-    used = {layer.mixer for layer in layers} - {FULL}
+    """A plan document, checked against the schema (PlanFile) and the rules between its fields; every problem
+    is reported in one PlanError."""
+    try:
+        document, problems = PLAN_FILE.validate_python(data), []
+    except ValidationError as err:
+        document, problems = None, problems_of(err)
+    problems += plan_rule_problems(data)
+    if problems or document is None:
+        raise PlanError(origin, problems)
+    return document.to_plan()
+
+
+def plan_rule_problems(data: object) -> list[str]:
+    """The rules between plan.yaml's fields, read from the raw document so that they are reported together with
+    the schema's problems: one entry per layer of the source, in range, and a settings section for every mixer
+    the layers use, and one score per layer."""
+    if not isinstance(data, dict):
+        return []
+    source = data.get("source")
+    count = source.get("num_hidden_layers") if isinstance(source, dict) else None
+    num_layers = count if type(count) is int and count > 0 else None
+    layers = data.get("layers")
+    listed = layers if isinstance(layers, list) else []
+    entries = [(k, entry) for k, entry in enumerate(listed) if isinstance(entry, dict)]
+    problems = []
+    seen: set[int] = set()  # indices listed, valid or not: only the others are reported missing
+    for k, entry in entries:
+        index = entry.get("index")
+        if type(index) is not int:
+            continue
+        if num_layers is not None and not 0 <= index < num_layers:
+            problems.append(f"layers[{k}].index: layer {index} is out of range 0..{num_layers - 1}")
+        elif index in seen:
+            problems.append(f"layers[{k}].index: layer {index} is listed twice")
+        seen.add(index)
+    if num_layers is not None and isinstance(layers, list):
+        missing = [i for i in range(num_layers) if i not in seen]
+        if missing:
+            problems.append(f"layers: no entry for layer(s) {missing} (one entry per layer of the source)")
+    sections = data.get("mixers") if isinstance(data.get("mixers"), dict) else {}
+    used = {entry.get("mixer") for _, entry in entries} & set(MIXER_TYPES) - {FULL}
     problems += [
         f"mixers.{section}: missing (layers use {m})"
         for m in sorted(used)
         for section in sorted(settings_used([m]))
         if section not in sections
     ]
-    strategy = parse_strategy(top["strategy"], num_layers, problems) if "strategy" in top else None
-    if problems:
-        raise PlanError(origin, problems)
-    return Plan(source, tuple(layers), mixers, strategy)
-
-
-def mapping(
-    data: object, where: str, keys: tuple[str, ...], problems: list[str], required: tuple[str, ...] | None = None
-) -> dict:
-    """`data` as a dict after checking its keys (unknown: error; `required`, all by default: must be there)."""
-    if not isinstance(data, dict):
-        problems.append(f"{where or 'plan'}: expected a mapping, got {type_name(data)}")
-        return {}
-    prefix = f"{where}." if where else ""
-    problems += [f"{prefix}{key}: unknown key (expected one of {', '.join(keys)})" for key in data if key not in keys]
-    problems += [f"{prefix}{key}: missing" for key in (keys if required is None else required) if key not in data]
-    return {key: value for key, value in data.items() if key in keys}
-
-
-def type_name(value: object) -> str:
-    return "nothing" if value is None else type(value).__name__
-
-
-KINDS = {int: "int", float: "float", bool: "bool", str: "str", str | None: "str | None"}
-
-
-def check_type(value: object, kind: type | object, where: str, problems: list[str]) -> bool:
-    """kind: int, float, bool, str or str | None; a bool is not a number, an int is a float."""
-    ok = {
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, int | float) and not isinstance(value, bool),
-        bool: isinstance(value, bool),
-        str: isinstance(value, str),
-        str | None: value is None or isinstance(value, str),
-    }[kind]
-    if not ok:
-        problems.append(f"{where}: expected {KINDS[kind]}, got {value!r}")
-    return ok
-
-
-def parse_source_record(data: object, problems: list[str]) -> PlanSource | None:
-    hints = typing.get_type_hints(PlanSource)
-    record = mapping(data, "source", tuple(hints), problems)
-    before = len(problems)
-    for name, value in record.items():
-        check_type(value, hints[name], f"source.{name}", problems)
-    if record.get("kind") not in (None, "preset", "hub", "path"):
-        problems.append(f"source.kind: expected preset, hub or path, got {record['kind']!r}")
-    for name in ("num_hidden_layers", "hidden_size"):
-        if isinstance(record.get(name), int) and record[name] <= 0:
-            problems.append(f"source.{name}: must be > 0, got {record[name]}")
-    return PlanSource(**record) if len(problems) == before and len(record) == len(hints) else None
-
-
-def parse_layers(data: object, num_layers: int | None, problems: list[str]) -> list[LayerPlan]:
-    if not isinstance(data, list):
-        problems.append(f"layers: expected a list of {{index, mixer}}, got {type_name(data)}")
-        return []
-    layers: dict[int, LayerPlan] = {}
-    seen: set[int] = set()  # indices listed, valid or not: only the others are reported missing
-    for k, item in enumerate(data):
-        entry = mapping(item, f"layers[{k}]", ("index", "mixer"), problems)
-        index, mixer = entry.get("index"), entry.get("mixer")
-        if "index" in entry and check_type(index, int, f"layers[{k}].index", problems):
-            if num_layers is not None and not 0 <= index < num_layers:
-                problems.append(f"layers[{k}].index: layer {index} is out of range 0..{num_layers - 1}")
-            elif index in seen:
-                problems.append(f"layers[{k}].index: layer {index} is listed twice")
-            seen.add(index)
-        if "mixer" in entry and mixer not in MIXER_TYPES:
-            problems.append(f"layers[{k}].mixer: unknown mixer {mixer!r} (expected one of {', '.join(MIXER_TYPES)})")
-        if isinstance(index, int) and not isinstance(index, bool) and mixer in MIXER_TYPES:
-            layers.setdefault(index, LayerPlan(index, mixer))
-    if num_layers is not None:
-        missing = [i for i in range(num_layers) if i not in seen]
-        if missing:
-            problems.append(f"layers: no entry for layer(s) {missing} (one entry per layer of the source)")
-    return [layers[i] for i in sorted(layers)]
-
-
-def settings_values(mixer: str, data: object, where: str, problems: list[str], complete: bool) -> dict | None:
-    """One mixer's settings, checked: known keys, right types, numbers > 0. A plan must give every key (so the
-    file alone says what convert builds); a recipe gives only those it overrides."""
-    cls = SETTINGS[mixer]
-    hints = typing.get_type_hints(cls)
-    names = tuple(f.name for f in fields(cls))
-    optional = {f.name for f in fields(cls) if f.default is not MISSING}  # may be 0, and absent means the default
-    before = len(problems)
-    required = tuple(n for n in names if n not in optional) if complete else ()
-    values = mapping(data, where, names, problems, required=required)
-    for name, value in values.items():
-        if not check_type(value, hints[name], f"{where}.{name}", problems) or hints[name] is bool:
-            continue
-        if value < (0 if name in optional else 1):
-            problems.append(f"{where}.{name}: must be {'>= 0' if name in optional else '> 0'}, got {value}")
-    return values if len(problems) == before else None
-
-
-def make_settings(mixer: str, values: dict, where: str, problems: list[str]) -> MixerSettings | None:
-    """Settings from a complete set of checked values."""
-    if mixer == "gdn":
-        if not float(values["head_k_dim"] * values["expand_v"]).is_integer():
-            problems.append(f"{where}.expand_v: head_k_dim × expand_v must be a whole number of value dims")
-            return None
-        values = {**values, "expand_v": float(values["expand_v"])}
-    return SETTINGS[mixer](**values)
-
-
-def parse_strategy(data: object, num_layers: int | None, problems: list[str]) -> Strategy:
-    record = mapping(data, "strategy", ("name", "recipe", "params", "scores"), problems)
-    name, recipe = record.get("name"), record.get("recipe")
-    if "name" in record and record["name"] not in STRATEGIES:
-        problems.append(f"strategy.name: expected one of {', '.join(STRATEGIES)}, got {name!r}")
-    if "recipe" in record:
-        check_type(recipe, str | None, "strategy.recipe", problems)
-    params = record.get("params", {})
-    if not isinstance(params, dict):
-        problems.append(f"strategy.params: expected a mapping, got {type_name(params)}")
-        params = {}
-    scores = record.get("scores")
-    if scores is not None:
-        numeric = isinstance(scores, list) and all(check_type(s, float, "strategy.scores", []) for s in scores)
-        if not numeric or (num_layers is not None and len(scores) != num_layers):
-            problems.append(f"strategy.scores: expected null or one number per layer ({num_layers})")
-            scores = None
-    return Strategy(
-        name=str(name), recipe=recipe if isinstance(recipe, str) else None, params=params,
-        scores=tuple(float(s) for s in scores) if scores is not None else None,
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Strategies: a mix (mixer -> integer weight) placed over the layers
-
-
-@dataclass(frozen=True)
-class PlanSpec:
-    """How to choose the layers: a recipe's `plan:` section, possibly overridden on the command line."""
-
-    mix: dict[str, int]
-    placement: str
-    layers: dict[int, str] | None  # explicit placement: listed layer -> mixer; the others get the fill mixer
-    mixers: dict[str, dict]  # per-mixer settings overriding the defaults derived from the source
-    recipe: str | None
-
-
-def parse_mix(value: object, where: str, problems: list[str]) -> dict[str, int]:
-    """'full_attention:1,gdn:4', a named mix (all-gdn, all-dsa, all-swa, gdn-dsa) or a mapping."""
-    if isinstance(value, str) and value in NAMED_MIXES:
-        return dict(NAMED_MIXES[value])
-    if isinstance(value, str):
-        pairs: list[tuple[object, object]] = []
-        for item in filter(None, (part.strip() for part in value.split(","))):
-            mixer, sep, weight = (part.strip() for part in item.partition(":"))
-            pairs.append((mixer, (int(weight) if weight.isdigit() else weight) if sep else 1))
-    elif isinstance(value, dict):
-        pairs = list(value.items())
-    else:
-        problems.append(f"{where}: expected 'mixer:weight,...', a named mix or a mapping, got {type_name(value)}")
-        return {}
-    mix: dict[str, int] = {}
-    for mixer, weight in pairs:
-        if mixer not in MIXER_TYPES:
-            known = ", ".join((*MIXER_TYPES, *NAMED_MIXES))
-            problems.append(f"{where}: unknown mixer {mixer!r} (expected one of {known})")
-        elif mixer in mix:
-            problems.append(f"{where}: {mixer} is given twice")
-        elif not isinstance(weight, int) or isinstance(weight, bool) or weight <= 0:
-            problems.append(f"{where}: the weight of {mixer} must be a positive integer, got {weight!r}")
-        else:
-            mix[mixer] = weight
-    if not pairs:
-        problems.append(f"{where}: empty")
-    return mix
-
-
-def parse_layer_assignments(value: object, where: str, problems: list[str]) -> dict[int, str]:
-    """'4,9,14,19' (full-attention layers), '0:full_attention,5:dsa', a list of full layers or a mapping."""
-    if isinstance(value, str):
-        items = [part.strip().partition(":") for part in value.split(",") if part.strip()]
-        pairs = [(index.strip(), mixer.strip() if sep else FULL) for index, sep, mixer in items]
-        pairs = [(int(i) if i.lstrip("-").isdigit() else i, m) for i, m in pairs]
-    elif isinstance(value, list):
-        pairs = [(index, FULL) for index in value]
-    elif isinstance(value, dict):
-        pairs = list(value.items())
-    else:
-        problems.append(f"{where}: expected '4,9' / '0:gdn,5:dsa', a list or a mapping, got {type_name(value)}")
-        return {}
-    layers: dict[int, str] = {}
-    for index, mixer in pairs:
-        if not isinstance(index, int) or isinstance(index, bool):
-            problems.append(f"{where}: layer index {index!r} is not an integer")
-        elif mixer not in MIXER_TYPES:
-            known = ", ".join(MIXER_TYPES)
-            problems.append(f"{where}: layer {index}: unknown mixer {mixer!r} (expected one of {known})")
-        elif index in layers:
-            problems.append(f"{where}: layer {index} is listed twice")
-        else:
-            layers[index] = mixer
-    if not pairs:
-        problems.append(f"{where}: empty")
-    return layers
-
-
-def mix_text(mix: Mapping[str, int]) -> str:
-    return ",".join(f"{mixer}:{weight}" for mixer, weight in mix.items())
-
-
-def period(mix: Mapping[str, int]) -> list[str]:
-    """The shortest repeating pattern of the mix. Rarer mixers go first, each at the end of its equal share of
-    the period (so full:1,gdn:4 gives gdn,gdn,gdn,gdn,full: LT2's full layers at 4, 9, 14, 19); the most
-    common mixer fills the rest."""
-    divisor = math.gcd(*mix.values())
-    counts = {mixer: weight // divisor for mixer, weight in mix.items()}
-    size = sum(counts.values())
-    slots: list[str | None] = [None] * size
-    order = sorted(counts, key=lambda m: (counts[m], MIXER_TYPES.index(m)))
-    for mixer in order[:-1]:
-        for j in range(counts[mixer]):
-            slots[nearest_free(slots, (j + 1) * size // counts[mixer] - 1)] = mixer
-    return [slot or order[-1] for slot in slots]
-
-
-def nearest_free(slots: list[str | None], ideal: int) -> int:
-    for distance in range(len(slots)):
-        for position in (ideal - distance, ideal + distance):
-            if 0 <= position < len(slots) and slots[position] is None:
-                return position
-    raise AssertionError("no free slot: the counts exceed the period")
-
-
-def interleave(mix: Mapping[str, int], num_layers: int) -> list[str]:
-    """The mix's period repeated over the layers (a partial period at the end)."""
-    pattern = period(mix)
-    if len(pattern) > num_layers:
-        raise PlanError("strategy", [
-            f"the mix {mix_text(mix)} repeats every {len(pattern)} layers and cannot be placed on {num_layers}"
-        ])
-    return [pattern[i % len(pattern)] for i in range(num_layers)]
-
-
-def ends(mix: Mapping[str, int], num_layers: int) -> list[str]:
-    """Full attention in the first and last layers and evenly between (its share of the mix, rounded); the
-    other mixers interleaved over the remaining layers."""
-    if FULL not in mix:
-        raise PlanError("strategy", [f"placement 'ends' keeps layers full_attention; the mix {mix_text(mix)} has none"])
-    rest = {mixer: weight for mixer, weight in mix.items() if mixer != FULL}
-    if not rest:
-        return [FULL] * num_layers
-    count = math.floor(num_layers * mix[FULL] / sum(mix.values()) + 0.5)
-    if count < 2:
-        raise PlanError("strategy", [
-            f"the mix {mix_text(mix)} gives {count} full_attention layer(s) of {num_layers}; placement 'ends' "
-            "needs at least 2 (the first and the last)"
-        ])
-    full = {math.floor(j * (num_layers - 1) / (count - 1) + 0.5) for j in range(count)}
-    others = iter(interleave(rest, num_layers - len(full)))
-    return [FULL if i in full else next(others) for i in range(num_layers)]
-
-
-def explicit(assigned: Mapping[int, str], fill: str | None, num_layers: int) -> list[str]:
-    """The listed layers get their mixer, every other layer `fill` (None: every layer must be listed)."""
-    problems = [f"layer index {i} is out of range 0..{num_layers - 1}" for i in sorted(assigned)
-                if not 0 <= i < num_layers]
-    unlisted = [i for i in range(num_layers) if i not in assigned]
-    if unlisted and fill is None:
-        problems.append(f"layers {unlisted} are not listed and the mix has no single non-full mixer to fill them")
-    if problems:
-        raise PlanError("strategy", problems)
-    return [assigned.get(i, fill) for i in range(num_layers)]
-
-
-def choose_layers(spec: PlanSpec, num_layers: int) -> list[str]:
-    if spec.placement == "interleave":
-        return interleave(spec.mix, num_layers)
-    if spec.placement == "ends":
-        return ends(spec.mix, num_layers)
-    # Unlisted layers get the mix's one non-full mixer (e.g. the gdn of full_attention:1,gdn:4).
-    fill = [mixer for mixer in spec.mix if mixer != FULL]
-    return explicit(spec.layers or {}, fill[0] if len(fill) == 1 else None, num_layers)
+    strategy = data.get("strategy")
+    scores = strategy.get("scores") if isinstance(strategy, dict) else None
+    if isinstance(scores, list) and num_layers is not None and len(scores) != num_layers:
+        problems.append(f"strategy.scores: expected null or one number per layer ({num_layers})")
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -582,34 +382,54 @@ def read_recipe_data(name: str) -> tuple[dict, str]:
     return data, origin
 
 
+GDNOverrides, DSAOverrides, SWAOverrides = (overrides_of(cls) for cls in (GDNSettings, DSASettings, SWASettings))
+
+
+@record
+class RecipeMixers:
+    """A recipe's mixer settings: any of each mixer's, the rest derived from the source."""
+
+    gdn: GDNOverrides | None = None  # type: ignore[valid-type]
+    dsa: DSAOverrides | None = None  # type: ignore[valid-type]
+    swa: SWAOverrides | None = None  # type: ignore[valid-type]
+
+    def overrides(self) -> dict[str, dict]:
+        given = {name: getattr(self, name) for name in SETTINGS if getattr(self, name) is not None}
+        return {name: section.model_dump(exclude_unset=True) for name, section in given.items()}
+
+
+@record
+class RecipePlan:
+    """A recipe's `plan:` section (docs/recipe.schema.json): how to choose the layers."""
+
+    mix: Annotated[Any, Field(json_schema_extra=MIX_SCHEMA)]  # read by parse_mix, which also reads --mix
+    placement: Literal[PLACEMENTS] = "interleave"  # type: ignore[valid-type]
+    layers: Annotated[Any, Field(json_schema_extra=LAYERS_SCHEMA)] = None  # read by parse_layer_assignments
+    mixers: RecipeMixers = Field(default_factory=RecipeMixers)
+
+
+RECIPE_PLAN = TypeAdapter(RecipePlan)
+
+
 def load_recipe(name: str) -> PlanSpec:
     """The `plan:` section of a shipped recipe by name, or of a recipe file by path."""
     data, origin = read_recipe_data(name)
     if "plan" not in data:
         raise PlanError(origin, ["expected a mapping with a plan: section"])
-    problems: list[str] = []
-    section = mapping(data["plan"], "plan", ("mix", "placement", "layers", "mixers"), problems, required=("mix",))
-    spec = parse_spec(section, "plan", problems, recipe=name)
-    if problems:
+    section, problems = data["plan"], []
+    try:
+        plan_section = RECIPE_PLAN.validate_python(section)
+    except ValidationError as err:
+        plan_section, problems = None, problems_of(err, "plan")
+    if isinstance(section, dict):  # the mix and layers are read even when other fields are wrong
+        mix = parse_mix(section["mix"], "plan.mix", problems) if "mix" in section else {}
+        layers = parse_layer_assignments(section["layers"], "plan.layers", problems) if "layers" in section else None
+        if (layers is not None) != (section.get("placement", "interleave") == "explicit"):
+            problems.append("plan.layers: given exactly when placement is 'explicit'")
+    if problems or plan_section is None:
         raise PlanError(origin, problems)
-    return spec
-
-
-def parse_spec(section: dict, where: str, problems: list[str], recipe: str | None) -> PlanSpec:
-    placement = section.get("placement", "interleave")
-    if placement not in PLACEMENTS:
-        problems.append(f"{where}.placement: expected one of {', '.join(PLACEMENTS)}, got {placement!r}")
-    layers = parse_layer_assignments(section["layers"], f"{where}.layers", problems) if "layers" in section else None
-    if (layers is not None) != (placement == "explicit"):
-        problems.append(f"{where}.layers: given exactly when placement is 'explicit'")
-    overrides = {}
-    sections = mapping(section.get("mixers", {}), f"{where}.mixers", tuple(SETTINGS), problems, required=())
-    for mixer, data in sections.items():
-        values = settings_values(mixer, data, f"{where}.mixers.{mixer}", problems, complete=False)
-        overrides[mixer] = values or {}
     return PlanSpec(
-        mix=parse_mix(section.get("mix"), f"{where}.mix", problems) if "mix" in section else {},
-        placement=placement, layers=layers, mixers=overrides, recipe=recipe,
+        mix=mix, placement=plan_section.placement, layers=layers, mixers=plan_section.mixers.overrides(), recipe=name
     )
 
 
@@ -662,7 +482,11 @@ def mixer_settings(
         problems.append(f"{where}: {err}")
         return None
     values = {name.removeprefix(f"{mixer}_"): getattr(derived, name) for name in names}
-    return make_settings(mixer, values, where, problems)
+    try:
+        return SETTINGS[mixer](**values)
+    except ValidationError as err:
+        problems.extend(problems_of(err, where))
+        return None
 
 
 def build_plan(source: str, config: LT2Config, spec: PlanSpec) -> Plan:
@@ -719,9 +543,7 @@ ASSUMPTIONS = (
 def side_costs(
     config: LT2Config, device: Hardware, batch: int, contexts: tuple[int, ...], dtype: str
 ) -> dict:
-    from lt2convert.summary import parameter_breakdown
-
-    params = parameter_breakdown(config)
+    params = parameter_counts(config)
     return {
         "params_total": sum(params.values()),
         "params_by_component": params,

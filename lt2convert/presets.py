@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+from lt2convert.errors import ConfigError
+
 _OURO_BASE = {
     "architectures": ["OuroForCausalLM"],
     "model_type": "ouro",
@@ -90,7 +92,7 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-class UnknownPresetError(ValueError):
+class UnknownPresetError(ConfigError):
     pass
 
 

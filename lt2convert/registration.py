@@ -23,8 +23,9 @@ TRIGGER = "transformers.models.auto.modeling_auto"
 
 
 def register() -> None:
-    """Register now (imports torch and transformers). Importing lt2convert.modeling registers as a side effect."""
-    import lt2convert.modeling  # noqa: F401
+    """Register now (imports torch and transformers). The runtime's model module registers as it is imported, so
+    importing it suffices; if it is importing already, it registers when it finishes."""
+    import lt2convert.modeling.modeling_lt2  # noqa: F401
 
 
 def is_transformers_module(name: str) -> bool:

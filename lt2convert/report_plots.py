@@ -1,6 +1,6 @@
 """The report's figures (matplotlib, PNG bytes): per-task score bars, training curves, decode speed and cache
-against context, and quality against speed. Each function takes plain data prepared by `lt2convert.report` and
-returns the PNG, or None when there is nothing to draw."""
+against context, quality against speed, and adaptive exit's speed against perplexity. Each function takes plain
+data prepared by `lt2convert.report` and returns the PNG, or None when there is nothing to draw."""
 
 from __future__ import annotations
 
@@ -228,5 +228,30 @@ def quality_vs_speed(points: list[dict], context: int) -> bytes | None:
     ax.set_ylabel("quality score (teacher = 100)")
     ax.set_title("quality vs decode speed", loc="left")
     ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def exit_speed_quality(series: list[dict]) -> bytes | None:
+    """Adaptive exit: one point per threshold, decode speed against held-out perplexity, each as a ratio to every
+    loop step; one labelled line per model. series: [{"name", "color", "thresholds", "speed", "perplexity"}]."""
+    series = [s for s in series if s["thresholds"]]
+    if not series:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.3, 3.8))
+    for s in series:
+        ax.plot(s["speed"], s["perplexity"], color=s["color"], linewidth=1, alpha=0.45)  # thresholds in order
+        ax.scatter(s["speed"], s["perplexity"], s=26, color=s["color"], label=s["name"], zorder=3)
+        for threshold, x, y in zip(s["thresholds"], s["speed"], s["perplexity"], strict=True):
+            ax.annotate(f"{threshold:g}", (x, y), fontsize=7, color=s["color"], xytext=(4, 3),
+                        textcoords="offset points")
+    ax.axhline(1.0, color="#888", linestyle=":", linewidth=1)
+    ax.axvline(1.0, color="#888", linestyle=":", linewidth=1)
+    ax.set_xlabel("decode speed ÷ every loop step (×)")
+    ax.set_ylabel("held-out perplexity ÷ every loop step (×)")
+    ax.set_title("adaptive exit: speed vs quality (labels: exit threshold)", loc="left")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
     return _png(fig)

@@ -1,4 +1,4 @@
-"""Which layers hold the heads that copy from context (`plan --strategy sensitivity --retrieval-layers N`).
+"""Which layers hold the heads that copy from context (`plan --strategy sensitivity --keep-retrieval N`).
 
 In-context recall (passkey, associative recall) rests on a few retrieval heads that attend from the position
 predicting an answer token to where that token sits in the context, and those heads live in a few layers. A
@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from lt2convert.calibrate import attention_probabilities, capture_mixer_calls
+from lt2convert.errors import ConfigError
 
 PROMPT_SEED = 7  # the recall suite evaluates seed 1234
 
@@ -55,7 +56,7 @@ def layer_copy_scores(model, prompts: list[tuple[list[int], list[int]]]) -> list
 
         capture_mixer_calls(model, torch.tensor([context + answer], device=device), on_call)
     if not counts.any():
-        raise ValueError("no recall prompt has an answer token that occurs in its context; cannot score layers")
+        raise ConfigError("no recall prompt has an answer token that occurs in its context; cannot score layers")
     return (totals / counts.clamp(min=1)[:, None]).max(dim=1).values.tolist()
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from lt2convert.errors import ConfigError
 from lt2convert.plan import FULL, Plan, PlanError, PlanSpec, Strategy, build_plan, write_plan
 
 
@@ -93,7 +94,7 @@ def evaluation_ids(folder: Path, text: str, tokens: int, windows: int, tokenizer
         return calibration_ids(folder, text, tokens, windows)
     ids = byte_encode(Path(text).read_text(encoding="utf-8")[: tokens * windows * 2])
     if len(ids) < tokens * windows:
-        raise ValueError(f"{text}: {len(ids)} tokens; scoring needs at least {tokens * windows}")
+        raise ConfigError(f"{text}: {len(ids)} tokens; scoring needs at least {tokens * windows}")
     return torch.tensor(ids[: tokens * windows]).view(windows, tokens)
 
 
@@ -133,7 +134,7 @@ def sensitivity_plan(
         raise PlanError("--keep-retrieval", [f"{keep_retrieval} is not within 0..{keep} (the plan's full layers)"])
     align = Stage(name="align", kind="align", tokens=tokens, seq_len=seq_len, batch_size=batch_size, lr=lr)
     if align.steps < 1:
-        raise ValueError(f"--align-tokens {tokens}: less than one align step of {batch_size} x {seq_len} tokens")
+        raise ConfigError(f"--align-tokens {tokens}: less than one align step of {batch_size} x {seq_len} tokens")
     folder = resolve_checkpoint(source).folder
     held_out = eval_text or str(fetch_asset("shakespeare") / "heldout.txt")
     ids = evaluation_ids(folder, held_out, eval_tokens, eval_windows, tokenizer)

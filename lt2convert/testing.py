@@ -7,9 +7,12 @@ the real layout fails on them.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
+
+from lt2convert.modeling import LT2Config
 
 TINY_OURO = {
     "architectures": ["OuroForCausalLM"],
@@ -77,6 +80,45 @@ def ouro_config(**overrides) -> dict:
 
 def llama_config(**overrides) -> dict:
     return {**TINY_LLAMA, **overrides}
+
+
+# Every mixer of the LT2 runtime at a tiny size (4 heads of 16), for tests that build models directly.
+TINY_LT2 = {
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "total_ut_steps": 3,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 256,
+    "dsa_index_n_heads": 2,
+    "dsa_index_head_dim": 16,
+    "dsa_topk": 4,
+    "swa_window": 5,
+    "gdn_num_heads": 4,
+    "gdn_head_k_dim": 16,
+    "dtype": "float32",
+}
+
+
+def lt2_config(layer_types: list[str], **overrides) -> LT2Config:
+    """A tiny LT2Config with one layer per entry of `layer_types`, e.g. `lt2_config(["gdn", "full_attention"])`."""
+    return LT2Config(**{**TINY_LT2, "num_hidden_layers": len(layer_types), "layer_types": layer_types, **overrides})
+
+
+def write_ouro_with_tokenizer(folder: str | Path, tokenizer_folder: Path, num_hidden_layers: int) -> Path:
+    """A random SMALL_OURO_SHAPE Ouro with the tokenizer files of the model in `tokenizer_folder` beside it (and
+    its vocabulary size), so that real text can be tokenized for it (lm-eval, distill data)."""
+    vocab_size = json.loads((tokenizer_folder / "config.json").read_text())["vocab_size"]
+    config = ouro_config(
+        vocab_size=vocab_size, num_hidden_layers=num_hidden_layers, max_position_embeddings=2048, **SMALL_OURO_SHAPE
+    )
+    folder = write_checkpoint(folder, config)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_folder / name, folder / name)
+    return folder
 
 
 def checkpoint_shapes(config: dict) -> dict[str, tuple[int, ...]]:

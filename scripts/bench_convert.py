@@ -41,6 +41,8 @@ atexit.register(_report)
 def measured(code: str, args: list[str]) -> dict:
     """Wall seconds, work seconds (after imports) and peak RSS bytes of `code` run in a fresh Python process
     with `args` as sys.argv[1:]."""
+    # Flush earlier writes first: otherwise a step pays for writing back the previous step's dirty pages.
+    os.sync()
     with tempfile.NamedTemporaryFile(suffix=".json") as report:
         start = time.perf_counter()
         subprocess.run([sys.executable, "-c", MEASURE_HOOK + code, report.name, *args], check=True)

@@ -6,7 +6,10 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip
+# -qq: errors only (pip's warnings about the machine's own index configuration are not ours to print).
+PIP=(.venv/bin/python -m pip install -qq)
+"${PIP[@]}" --upgrade pip
 # torch first and pinned: an unpinned torch requirement would pull a multi-GB CUDA build on CPU machines.
-.venv/bin/python -m pip install --quiet "torch==${LT2CONVERT_TORCH:-2.13.0}"
-.venv/bin/python -m pip install --quiet -e ".[dev]"
+"${PIP[@]}" "torch==${LT2CONVERT_TORCH:-2.13.0}"
+# setuptools' build backend warns about every editable install (a generic notice, not a problem here).
+PYTHONWARNINGS=ignore "${PIP[@]}" -e ".[dev]"

@@ -365,6 +365,27 @@ def test_disk_full_names_the_output_and_leaves_nothing(source_dir, tmp_path, mon
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "buffered-fallback"])
+def test_passed_through_tensors_are_copied_byte_for_byte(source_dir, tmp_path, monkeypatch, kernel_copy):
+    """Tensors the conversion does not rewrite are copied file to file, never loaded; where the file system has no
+    in-kernel copy, through a buffer. Either way the bytes are the source's."""
+    import errno
+
+    if not kernel_copy:
+        def unsupported(*args):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "copy_file_range", unsupported)
+    out = convert_checkpoint(source_dir, gdn_target(source_dir), tmp_path / "out", init=UNCALIBRATED,
+                             max_shard_bytes=64 * 1024)  # several shards: copies land after earlier tensors
+    source, converted = LazyCheckpoint(source_dir), LazyCheckpoint(out)
+    rewritten = [n for n in converted.names() if n not in source.tensors or ".self_attn." in n]
+    passed = [n for n in converted.names() if n not in rewritten]
+    assert len(converted.files) > 1 and passed and rewritten
+    for name in passed:
+        assert torch.equal(converted.get(name), source.get(name)), name
+
+
 def test_int32_weight_is_rejected_naming_tensor_and_file(source_dir, tmp_path):
     from safetensors.torch import save_file
 

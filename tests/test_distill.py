@@ -124,10 +124,10 @@ def test_stage_errors_are_all_reported_at_once():
     text = str(err.value)
     for part in (
         "stages[0].trainable: the align stage trains the new mixers only",
-        "stages[1].kind: expected one of align, kd, finetune, got 'distil'",
+        "stages[1].kind: expected one of 'align', 'kd' or 'finetune', got 'distil'",
         "stages[2].tokens: expected a token count",
         "stages[3].tokens: a budget of 10 tokens is less than one step of 2 x 8 tokens",
-        "stages[4]: unknown keys colour",
+        "stages[4].colour: unknown key",
     ):
         assert part in text, text
     lora = parse_stages([{"kind": "finetune", "tokens": "5k", "trainable": "lora"}], "r")[0]
@@ -642,3 +642,18 @@ def test_resume_falls_back_from_a_damaged_checkpoint(tiny, recwarn):
         distill(config, resume=True)
     cli = CliRunner().invoke(main, ["distill", "--resume", "--no-progress", "-o", str(run)])
     assert cli.exit_code == 1 and len(cli.output.strip().splitlines()) == 1 and "step-00000020" in cli.output
+
+
+def test_run_config_is_frozen_and_revalidated_on_replace(tmp_path):
+    import dataclasses
+
+    from lt2convert.errors import ConfigError
+
+    (tmp_path / "train.txt").write_text("words")
+    data = str(tmp_path / "train.txt")
+    config = DistillConfig(teacher="t", student="s", data=[data], out=str(tmp_path / "run"), stages=[ALIGN])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.seed = 1
+    assert Path(config.out).is_absolute() and Path(config.data[0]).is_absolute()
+    with pytest.raises(ConfigError, match="log_with: unknown tracker 'mlflow'"):
+        dataclasses.replace(config, log_with=["mlflow"])

@@ -1,36 +1,20 @@
 """`lt2convert eval`: suites, the offline tasks' data, results JSON and the offline error of hub suites."""
 
 import json
-import shutil
 
 import pytest
 from click.testing import CliRunner
 
 from lt2convert.cli import main
 from lt2convert.evaluate import EvalError, evaluate, loaders, parse_tasks, suite_specs
-from lt2convert.testing import ouro_config, write_checkpoint
+from lt2convert.testing import write_ouro_with_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, fetched_asset):
     """A 2-layer, 2-step random Ouro with the real SmolLM2/Ouro tokenizer (vocab 49,152) next to it."""
     smollm2 = fetched_asset("smollm2-135m")
-    folder = tmp_path_factory.mktemp("tiny-eval")
-    config = ouro_config(
-        vocab_size=49152,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=16,
-        total_ut_steps=2,
-        max_position_embeddings=2048,
-    )
-    write_checkpoint(folder, config)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm2 / name, folder / name)
-    return folder
+    return write_ouro_with_tokenizer(tmp_path_factory.mktemp("tiny-eval"), smollm2, num_hidden_layers=2)
 
 
 def test_recall_data_is_deterministic_and_answerable():

@@ -185,15 +185,22 @@ def test_gpu_check_refuses_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None
         gpu_check.main()
 
 
-@pytest.mark.filterwarnings("ignore:Input #.* is not a double precision")
+def test_gpu_check_distill_step_timing_runs_on_the_cpu() -> None:
+    """The distill section's models, stages and step calls, at a tiny size on the CPU path."""
+    tiny = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "head_dim": 16, "gdn_num_heads": 2, "gdn_head_k_dim": 16}
+    timings = gpu_check.time_distill_steps("cpu", batch=2, seq_len=20, repeats=1, model=tiny)
+    assert set(timings) == {"align_ms", "kd_ms"} and all(ms > 0 for ms in timings.values())
+
+
 def test_gradcheck_of_the_chunked_path() -> None:
-    """Finite differences against the hand-written backward (fp32 inside the kernel, hence the loose tolerances),
-    with an initial state and a final partial chunk."""
-    x = make_inputs(1, 20, 2, 4, 4, seed=5)
-    q, k, v, g, beta = (t.detach().requires_grad_() for t in activated(x))
-    h0 = x["h0"].detach().requires_grad_()
+    """Finite differences against the hand-written backward in fp64 (the kernel then works in fp64): several
+    segments of 2-token chunks, an initial state and a final partial chunk."""
+    x = make_inputs(1, 19, 1, 3, 2, seed=5)
+    inputs = [t.detach().double().requires_grad_() for t in (*activated(x), x["h0"])]
 
     def run(q, k, v, g, beta, h0):
-        return gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, chunk_size=8)
+        return gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, chunk_size=2)
 
-    assert torch.autograd.gradcheck(run, (q, k, v, g, beta, h0), eps=1e-2, atol=2e-2, rtol=2e-2)
+    assert run(*inputs)[1].dtype == torch.float64
+    assert torch.autograd.gradcheck(run, inputs)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from lt2convert.costs import cache_bytes
 from lt2convert.modeling import LT2Config, LT2ForCausalLM
+from lt2convert.testing import lt2_config
 
 FP32_TOL = 1e-5
 # A whole GDN layer against fla's naive recurrence: the chunked kernel agrees to ~1e-6 relative on o, and the
@@ -18,30 +19,6 @@ SEQ = 13
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
-
-
-def tiny_config(layer_types: list[str], **overrides) -> LT2Config:
-    settings = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=len(layer_types),
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        total_ut_steps=3,
-        rope_theta=10000.0,
-        max_position_embeddings=256,
-        layer_types=layer_types,
-        dsa_index_n_heads=2,
-        dsa_index_head_dim=16,
-        dsa_topk=4,
-        swa_window=5,
-        gdn_num_heads=4,
-        gdn_head_k_dim=16,
-        dtype="float32",
-    )
-    return LT2Config(**{**settings, **overrides})
 
 
 def build(config: LT2Config, seed: int = 0) -> LT2ForCausalLM:
@@ -75,7 +52,7 @@ def prefill_then_decode(model, ids, prefill: int, **mode) -> tuple[torch.Tensor,
 @pytest.mark.parametrize("mix", MIXES)
 @pytest.mark.parametrize("step", [0, 2])
 def test_prefill_plus_decoding_equals_full_forward(mix, step):
-    model = build(tiny_config(MIXES[mix]))
+    model = build(lt2_config(MIXES[mix]))
     ids = torch.randint(0, 128, (2, SEQ), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(ids, use_cache=False, exit_at_step=step).logits
@@ -88,7 +65,7 @@ def test_prefill_plus_decoding_equals_full_forward(mix, step):
 def test_window_with_sinks_decodes_as_the_full_forward(mixer, prefill):
     """Sinks enter the cache during prefill or decoding (prefill 1 and 3 < sinks + window), and leave the ring
     before or after the prompt ends."""
-    model = build(tiny_config([mixer, "full_attention"], swa_window=3, swa_sinks=2))
+    model = build(lt2_config([mixer, "full_attention"], swa_window=3, swa_sinks=2))
     ids = torch.randint(0, 128, (2, SEQ), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
@@ -102,14 +79,14 @@ def test_window_with_sinks_decodes_as_the_full_forward(mixer, prefill):
 def test_sinks_change_a_windowed_model():
     """Guards the test above: with the window full, the sinks must change the output."""
     ids = torch.randint(0, 128, (1, SEQ))
-    plain, sunk = (build(tiny_config(["swa", "swa"], swa_window=3, swa_sinks=s)) for s in (0, 2))
+    plain, sunk = (build(lt2_config(["swa", "swa"], swa_window=3, swa_sinks=s)) for s in (0, 2))
     with torch.no_grad():
         assert relative_error(sunk(ids).logits, plain(ids).logits) > 1e-3
 
 
 @pytest.mark.parametrize("mix", MIXES)
 def test_cache_bytes_match_cost_model(mix):
-    config = tiny_config(MIXES[mix])
+    config = lt2_config(MIXES[mix])
     model = build(config)
     ids = torch.randint(0, 128, (1, SEQ))
     with torch.no_grad():
@@ -126,8 +103,8 @@ def copy_attention(source: LT2ForCausalLM, target: LT2ForCausalLM) -> None:
 
 @pytest.mark.parametrize(("mixer", "limit"), [("dsa", {"dsa_topk": SEQ}), ("swa", {"swa_window": SEQ})])
 def test_sparse_mixers_at_full_reach_equal_attention(mixer, limit):
-    attention = build(tiny_config(["full_attention"] * 2))
-    sparse = build(tiny_config([mixer] * 2, **limit), seed=5)
+    attention = build(lt2_config(["full_attention"] * 2))
+    sparse = build(lt2_config([mixer] * 2, **limit), seed=5)
     copy_attention(attention, sparse)
     ids = torch.randint(0, 128, (2, SEQ))
     with torch.no_grad():
@@ -136,8 +113,8 @@ def test_sparse_mixers_at_full_reach_equal_attention(mixer, limit):
 
 def test_small_window_differs_from_attention():
     """Guards the test above: a window shorter than the sequence must change the output."""
-    attention = build(tiny_config(["full_attention"] * 2))
-    windowed = build(tiny_config(["swa"] * 2, swa_window=3))
+    attention = build(lt2_config(["full_attention"] * 2))
+    windowed = build(lt2_config(["swa"] * 2, swa_window=3))
     copy_attention(attention, windowed)
     ids = torch.randint(0, 128, (1, SEQ))
     with torch.no_grad():
@@ -145,7 +122,7 @@ def test_small_window_differs_from_attention():
 
 
 def test_gdn_left_padding_leaves_no_trace():
-    model = build(tiny_config(["gdn", "full_attention"]))
+    model = build(lt2_config(["gdn", "full_attention"]))
     ids = torch.randint(1, 128, (1, 9))
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
     mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 9, dtype=torch.long)], dim=1)
@@ -160,7 +137,7 @@ def test_gdn_module_matches_fla_reference_composition():
     same parameters, with fla's own naive recurrent kernel as the oracle."""
     from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
 
-    layer = build(tiny_config(["gdn"])).model.layers[0].self_attn
+    layer = build(lt2_config(["gdn"])).model.layers[0].self_attn
     x = torch.randn(2, SEQ, 64)
 
     def conv(proj, conv_mod):
@@ -192,7 +169,7 @@ def test_gdn_module_matches_fla_reference_composition():
 
 def test_prefill_in_chunks_equals_full_forward():
     """A prompt appended to a non-empty cache (chunked prefill), the window overrun inside a chunk."""
-    model = build(tiny_config(["swa_gdn", "full_attention", "swa", "gdn"]))
+    model = build(lt2_config(["swa_gdn", "full_attention", "swa", "gdn"]))
     ids = torch.randint(0, 128, (2, SEQ), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(ids, use_cache=False, exit_at_step=1).logits
@@ -204,9 +181,9 @@ def test_prefill_in_chunks_equals_full_forward():
 def test_swa_gdn_with_closed_gate_is_sliding_window_attention_exactly():
     """A freshly built swa_gdn layer (gate zero) computes exactly what swa does with the same q/k/v/o."""
     torch.manual_seed(0)
-    windowed = LT2ForCausalLM(tiny_config(["swa_gdn", "full_attention"])).eval()
+    windowed = LT2ForCausalLM(lt2_config(["swa_gdn", "full_attention"])).eval()
     assert torch.equal(windowed.model.layers[0].self_attn.gdn_gate, torch.zeros(4))
-    swa = LT2ForCausalLM(tiny_config(["swa", "full_attention"])).eval()
+    swa = LT2ForCausalLM(lt2_config(["swa", "full_attention"])).eval()
     missing, unexpected = swa.load_state_dict(windowed.state_dict(), strict=False)
     assert not missing and all(".self_attn.gdn" in name for name in unexpected)
     ids = torch.randint(0, 128, (2, SEQ))
@@ -219,7 +196,7 @@ def test_swa_gdn_with_closed_gate_is_sliding_window_attention_exactly():
 
 def test_swa_gdn_open_gate_adds_the_memory():
     """Guards the test above: an open gate must change the output."""
-    model = build(tiny_config(["swa_gdn", "full_attention"]))
+    model = build(lt2_config(["swa_gdn", "full_attention"]))
     ids = torch.randint(0, 128, (1, SEQ))
     with torch.no_grad():
         opened = model(ids).logits
@@ -230,4 +207,4 @@ def test_swa_gdn_open_gate_adds_the_memory():
 
 def test_swa_gdn_rejects_heads_it_cannot_gate():
     with pytest.raises(ValueError, match="swa_gdn needs gdn_num_heads"):
-        tiny_config(["swa_gdn"], gdn_num_heads=2)
+        lt2_config(["swa_gdn"], gdn_num_heads=2)

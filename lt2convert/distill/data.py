@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lt2convert.errors import LT2Error
+
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 HF_PREFIX = "hf:"
 PARQUET_BATCH_ROWS = 1024  # rows per pyarrow record batch: bounded memory for any file size
@@ -32,7 +34,7 @@ CACHE_VERSION = 1  # bump when the cached file's layout or meaning changes, so o
 TOKEN_DTYPE = np.dtype("<i4")  # 4 bytes a token on disk and in memory: ~4 GB for 1B tokens
 
 
-class DataError(ValueError):
+class DataError(LT2Error, ValueError):
     """Training data that cannot be used; the message names the file or source."""
 
 

@@ -9,62 +9,68 @@ A stage is one optimiser run over its own token budget:
 
 from __future__ import annotations
 
-import re
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, replace
+from typing import Annotated, Literal
 
+from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
+
+from lt2convert.errors import ConfigError
 from lt2convert.plan import PlanError
+from lt2convert.schema import (
+    Flag,
+    Fraction,
+    NonNegativeNumber,
+    PositiveInt,
+    PositiveNumber,
+    Text,
+    problems_of,
+    record,
+)
+from lt2convert.units import token_budget
 
-KINDS = ("align", "kd", "finetune")
-TRAINABLE = ("mixers", "all", "lora")
+Kind = Literal["align", "kd", "finetune"]
+Trainable = Literal["mixers", "all", "lora"]
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMbBgG]?)\s*$")
-MULTIPLIERS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
 
 
-def parse_tokens(value: object, where: str = "tokens") -> int:
-    """A token count: an integer, or a number with a k/M/B suffix ("100M", "1.5B")."""
-    if isinstance(value, bool):
-        raise ValueError(f"{where}: expected a token count such as 2000000 or 2M, got {value!r}")
-    if isinstance(value, int):
-        count = value
-    else:
-        match = SIZE.match(str(value))
-        if not match:
-            raise ValueError(f"{where}: expected a token count such as 2000000 or 2M, got {value!r}")
-        count = int(float(match.group(1)) * MULTIPLIERS[match.group(2).lower()])
-    if count < 1:
-        raise ValueError(f"{where}: must be at least 1 token, got {value!r}")
-    return count
+def lora_schema(schema: dict) -> None:
+    """In a file, `lora: true` (or `{}`) means the default LoRA settings."""
+    schema["anyOf"].append({"const": True})
 
 
-@dataclass(frozen=True)
+TokenBudget = Annotated[int, BeforeValidator(token_budget), Field(json_schema_extra={"type": ["integer", "string"]})]
+
+
+@record
 class LoraSettings:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    r: PositiveInt = 16
+    alpha: PositiveInt = 32
+    dropout: Annotated[float, Field(strict=True, ge=0, lt=1)] = 0.0
+    target_modules: Annotated[tuple[Text, ...], Field(min_length=1)] = DEFAULT_LORA_TARGETS
 
 
-@dataclass
+# Frozen: a run's stages are saved and compared when it resumes.
+@record
 class Stage:
-    name: str
-    kind: str
-    tokens: int
-    seq_len: int = 512
-    batch_size: int = 8
-    micro_batch_size: int | None = None  # rows per forward/backward (gradient accumulation); None: batch_size
-    lr: float = 1e-3
-    warmup: float = 0.05  # share of the stage's steps spent warming the learning rate up linearly
-    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio at the last step
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    trainable: str = "mixers"  # align always trains the converted layers' mixers only
-    normalize: bool = True  # align: MSE relative to the teacher output's mean square
-    indexer_weight: float = 1.0  # align: weight of the DSA indexer's KL warm-up
-    temperature: float = 1.0  # kd
-    every_step: bool = False  # kd: supervise every loop step's logits, not only the exit logits
-    exit_weight: float = 0.0  # kd: weight of KL between the teacher's and student's exit distributions
-    lora: LoraSettings | None = None  # trainable == "lora"
+    name: Annotated[Text, Field(description="defaults to the kind")]
+    kind: Kind
+    tokens: TokenBudget
+    seq_len: PositiveInt = 512
+    batch_size: PositiveInt = 8
+    micro_batch_size: PositiveInt | None = None  # rows per forward/backward (gradient accumulation); None: batch_size
+    lr: PositiveNumber = 1e-3
+    warmup: Fraction = 0.05  # share of the stage's steps spent warming the learning rate up linearly
+    min_lr_ratio: Fraction = 0.1  # the cosine decays to lr * min_lr_ratio at the last step
+    weight_decay: NonNegativeNumber = 0.0
+    grad_clip: PositiveNumber = 1.0
+    # align always trains the converted layers' mixers only; finetune defaults to "all"
+    trainable: Trainable = "mixers"
+    normalize: Flag = True  # align: MSE relative to the teacher output's mean square
+    indexer_weight: NonNegativeNumber = 1.0  # align: weight of the DSA indexer's KL warm-up
+    temperature: PositiveNumber = 1.0  # kd
+    every_step: Flag = False  # kd: supervise every loop step's logits, not only the exit logits
+    exit_weight: NonNegativeNumber = 0.0  # kd: weight of KL between the teacher's and student's exit distributions
+    lora: Annotated[LoraSettings | None, Field(json_schema_extra=lora_schema)] = None  # trainable == "lora"
 
     @property
     def tokens_per_step(self) -> int:
@@ -90,36 +96,20 @@ class Stage:
         return values
 
 
-STAGE_KEYS = tuple(f.name for f in fields(Stage))
+STAGE = TypeAdapter(Stage)
 
 
 def check_stage(stage: Stage, where: str) -> list[str]:
+    """The rules between fields (each field's type and range is the schema's)."""
     problems = []
-    if stage.kind not in KINDS:
-        problems.append(f"{where}.kind: expected one of {', '.join(KINDS)}, got {stage.kind!r}")
-    if stage.trainable not in TRAINABLE:
-        problems.append(f"{where}.trainable: expected one of {', '.join(TRAINABLE)}, got {stage.trainable!r}")
     if stage.kind == "align" and stage.trainable != "mixers":
         problems.append(f"{where}.trainable: the align stage trains the new mixers only ('mixers')")
     if (stage.trainable == "lora") != (stage.lora is not None):
         problems.append(f"{where}.lora: give LoRA settings exactly when trainable is 'lora'")
-    for name in ("seq_len", "batch_size"):
-        if not isinstance(getattr(stage, name), int) or getattr(stage, name) < 1:
-            problems.append(f"{where}.{name}: expected a positive integer, got {getattr(stage, name)!r}")
-    micro = stage.micro_batch_size
-    if micro is not None and (not isinstance(micro, int) or isinstance(micro, bool) or micro < 1):
-        problems.append(f"{where}.micro_batch_size: expected a positive integer, got {micro!r}")
-    elif micro is not None and isinstance(stage.batch_size, int) and stage.batch_size % micro:
-        problems.append(f"{where}.micro_batch_size: {micro} does not divide batch_size {stage.batch_size}")
-    for name in ("lr", "grad_clip", "temperature"):
-        if not isinstance(getattr(stage, name), int | float) or getattr(stage, name) <= 0:
-            problems.append(f"{where}.{name}: expected a positive number, got {getattr(stage, name)!r}")
-    for name in ("warmup", "min_lr_ratio"):
-        if not isinstance(getattr(stage, name), int | float) or not 0 <= getattr(stage, name) <= 1:
-            problems.append(f"{where}.{name}: expected a number in [0, 1], got {getattr(stage, name)!r}")
-    for name in ("weight_decay", "indexer_weight", "exit_weight"):
-        if not isinstance(getattr(stage, name), int | float) or getattr(stage, name) < 0:
-            problems.append(f"{where}.{name}: expected a non-negative number, got {getattr(stage, name)!r}")
+    if stage.micro_batch_size is not None and stage.batch_size % stage.micro_batch_size:
+        problems.append(
+            f"{where}.micro_batch_size: {stage.micro_batch_size} does not divide batch_size {stage.batch_size}"
+        )
     if not problems and stage.steps < 1:
         problems.append(
             f"{where}.tokens: a budget of {stage.tokens} tokens is less than one step of "
@@ -128,57 +118,24 @@ def check_stage(stage: Stage, where: str) -> list[str]:
     return problems
 
 
-def parse_lora(data: object, where: str, problems: list[str]) -> LoraSettings | None:
-    if data is None:
-        return None
-    if data is True or data == {}:
-        return LoraSettings()
-    if not isinstance(data, dict):
-        problems.append(f"{where}: expected a mapping (r, alpha, dropout, target_modules)")
-        return None
-    unknown = sorted(set(data) - {"r", "alpha", "dropout", "target_modules"})
-    if unknown:
-        problems.append(f"{where}: unknown keys {', '.join(unknown)}")
-        return None
-    targets = data.get("target_modules", DEFAULT_LORA_TARGETS)
-    if not isinstance(targets, list | tuple) or not targets or not all(isinstance(t, str) for t in targets):
-        problems.append(f"{where}.target_modules: expected a list of module names")
-        return None
-    defaults = LoraSettings()
-    return LoraSettings(
-        r=data.get("r", defaults.r),
-        alpha=data.get("alpha", defaults.alpha),
-        dropout=data.get("dropout", defaults.dropout),
-        target_modules=tuple(targets),
-    )
+def stage_defaults(data: dict) -> dict:
+    """What a recipe may leave out: the name (the kind), finetune's trainable ("all") and LoRA's settings."""
+    values = dict(data)
+    values.setdefault("name", values.get("kind"))
+    if values.get("kind") == "finetune":
+        values.setdefault("trainable", "all")
+    if values.get("lora") is True or (values.get("trainable") == "lora" and values.get("lora") is None):
+        values["lora"] = {}
+    return values
 
 
 def parse_stage(data: object, index: int, problems: list[str]) -> Stage | None:
     where = f"stages[{index}]"
-    if not isinstance(data, dict):
-        problems.append(f"{where}: expected a mapping")
-        return None
-    unknown = sorted(set(data) - set(STAGE_KEYS))
-    if unknown:
-        problems.append(f"{where}: unknown keys {', '.join(unknown)} (known: {', '.join(STAGE_KEYS)})")
-        return None
-    missing = [key for key in ("kind", "tokens") if key not in data]
-    if missing:
-        problems.append(f"{where}: missing {', '.join(missing)}")
-        return None
-    values = dict(data)
-    values.setdefault("name", values["kind"])
-    if values["kind"] == "finetune":
-        values.setdefault("trainable", "all")
     try:
-        values["tokens"] = parse_tokens(values["tokens"], f"{where}.tokens")
-    except ValueError as err:
-        problems.append(str(err))
+        stage = STAGE.validate_python(stage_defaults(data) if isinstance(data, dict) else data)
+    except ValidationError as err:
+        problems.extend(problems_of(err, where))
         return None
-    values["lora"] = parse_lora(values.get("lora"), f"{where}.lora", problems)
-    if values.get("trainable") == "lora" and values["lora"] is None:
-        values["lora"] = LoraSettings()
-    stage = Stage(**values)
     problems.extend(check_stage(stage, where))
     return stage
 
@@ -213,13 +170,26 @@ def scale_budgets(stages: list[Stage], total_tokens: int) -> list[Stage]:
     scaled = [replace(s, tokens=max(1, round(s.tokens * total_tokens / recipe_total))) for s in stages]
     problems = [p for i, s in enumerate(scaled) for p in check_stage(s, f"stages[{i}] ({s.name})")]
     if problems:
-        raise ValueError(f"--tokens {total_tokens}: " + "; ".join(problems))
+        raise ConfigError(f"--tokens {total_tokens}: " + "; ".join(problems))
     return scaled
+
+
+def recipe_json_schema() -> dict:
+    """The JSON Schema of a recipe file (docs/recipe.schema.json): its `plan:` and `stages:` sections."""
+    from pydantic import create_model
+
+    from lt2convert.plan import RecipePlan
+
+    recipe = create_model(
+        "Recipe",
+        plan=(RecipePlan, Field(None, description="how `lt2convert plan` chooses the layers")),
+        stages=(list[Stage], Field(None, min_length=1, description="the training stages of `distill`")),
+    )
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **TypeAdapter(recipe).json_schema()}
+    schema["$defs"]["Stage"]["required"].remove("name")  # a file may leave it out: it defaults to the kind
+    return schema
 
 
 def stage_from_settings(values: dict) -> Stage:
     """The inverse of Stage.settings() (a run folder's saved stages)."""
-    values = dict(values)
-    if values.get("lora") is not None:
-        values["lora"] = LoraSettings(**{**values["lora"], "target_modules": tuple(values["lora"]["target_modules"])})
-    return Stage(**values)
+    return STAGE.validate_python(values)

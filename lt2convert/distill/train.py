@@ -18,7 +18,10 @@ Run folder (`DistillConfig.out`):
                                           config, tokenizer and remote code: loads without lt2convert
 
 Several processes (`accelerate launch --num_processes N`) split each batch's rows between them and average
-their gradients before every optimizer step, so N processes follow the single-process run.
+their gradients before every optimizer step, so N processes follow the single-process run. Launched with FSDP2
+(`accelerate launch --use_fsdp --fsdp_version 2`), kd and finetune stages shard the student (parameters,
+gradients, optimizer state) through accelerate, which then averages the gradients; the teacher stays whole on
+every process, in eval mode. Align and LoRA stages stay data parallel (see `shards_student`).
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ from lt2convert.calibrate import capture_mixer_calls, head_averaged_attention, i
 from lt2convert.distill.data import DataError, PackedTokenStream, byte_encode, hf_encode, load_token_ids
 from lt2convert.distill.losses import align_loss, exit_kl_loss, indexer_kl_loss, kd_loss
 from lt2convert.distill.recipe import Stage, stage_from_settings
+from lt2convert.errors import ConfigError, InputNotFoundError, LT2Error, OutputExistsError
 from lt2convert.io.checkpoint import INDEX_FILE, CheckpointError, read_safetensors_header
-from lt2convert.io.outputs import atomic_directory, atomic_write_text, sigterm_as_interrupt
+from lt2convert.io.outputs import atomic_directory, atomic_write_text, sigterm_as_interrupt, swap_folder
 from lt2convert.io.writer import ShardedWriter
 from lt2convert.loading import load_config, load_model, resolve_checkpoint, resolve_dtype
 from lt2convert.modeling import LT2Config, LT2ForCausalLM
@@ -58,11 +62,11 @@ CHECKPOINT_PREFIX = "step-"
 TRAINABLE_FILE = "trainable.safetensors"
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(LT2Error, RuntimeError):
     """The loss or gradient norm became NaN/inf; the run stopped before updating any weight."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistillConfig:
     teacher: str  # the source checkpoint (folder, preset or hub id)
     student: str  # the converted hybrid's folder
@@ -82,24 +86,30 @@ class DistillConfig:
     log_with: list[str] = field(default_factory=list)  # experiment trackers through accelerate (TRACKERS)
 
     def __post_init__(self):
-        # Local paths are stored absolute, so `--resume` works from any working directory.
-        self.data = [local_path_absolute(str(p)) for p in self.data]
-        self.teacher, self.student = local_path_absolute(self.teacher), local_path_absolute(self.student)
-        self.out = str(Path(self.out).absolute())
+        # Normalised once here (the config is frozen afterwards). Local paths are stored absolute, so `--resume`
+        # works from any working directory.
+        normalised = {
+            "data": [local_path_absolute(str(p)) for p in self.data],
+            "teacher": local_path_absolute(self.teacher),
+            "student": local_path_absolute(self.student),
+            "out": str(Path(self.out).absolute()),
+            "log_with": list(self.log_with),
+        }
+        for name, value in normalised.items():
+            object.__setattr__(self, name, value)
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        self.log_with = list(self.log_with)
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         unknown = [name for name in self.log_with if name not in TRACKERS]
         if unknown:
-            raise ValueError(f"log_with: unknown tracker {unknown[0]!r}; expected {' or '.join(TRACKERS)}")
+            raise ConfigError(f"log_with: unknown tracker {unknown[0]!r}; expected {' or '.join(TRACKERS)}")
         if self.tokenizer not in TOKENIZERS:
-            raise ValueError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, got {self.tokenizer!r}")
+            raise ConfigError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, got {self.tokenizer!r}")
         if self.checkpoint_tokens < 1 or self.keep_checkpoints < 1:
-            raise ValueError("checkpoint_tokens and keep_checkpoints must be at least 1")
+            raise ConfigError("checkpoint_tokens and keep_checkpoints must be at least 1")
         if not self.stages:
-            raise ValueError("no stages to run")
+            raise ConfigError("no stages to run")
         if not self.data:
-            raise ValueError("no training data given")
+            raise ConfigError("no training data given")
 
     def settings(self) -> dict:
         """What defines the run (a resume must match it); display-only options are left out."""
@@ -126,20 +136,20 @@ class DistillResult:
 
 def converted_layers(teacher: LT2Config, student: LT2Config) -> list[int]:
     if len(teacher.layer_types) != len(student.layer_types) or teacher.total_ut_steps != student.total_ut_steps:
-        raise ValueError(
+        raise ConfigError(
             f"student ({len(student.layer_types)} layers, {student.total_ut_steps} loop steps) does not match the "
             f"teacher ({len(teacher.layer_types)} layers, {teacher.total_ut_steps} loop steps)"
         )
     converted = [i for i, (a, b) in enumerate(zip(teacher.layer_types, student.layer_types, strict=True)) if a != b]
     if not converted:
-        raise ValueError("the student has no converted layers: its layer_types equal the teacher's")
+        raise ConfigError("the student has no converted layers: its layer_types equal the teacher's")
     return converted
 
 
 def check_pair(teacher: LT2Config, student: LT2Config) -> None:
     """The student must be a conversion of the teacher: same vocabulary and loop."""
     if teacher.vocab_size != student.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer mismatch: the teacher has a vocabulary of {teacher.vocab_size} tokens, the student "
             f"{student.vocab_size}; a student must be converted from its teacher"
         )
@@ -173,7 +183,7 @@ def make_trainable(student: LT2ForCausalLM, stage: Stage, converted: list[int]) 
     }:
         raise RuntimeError("the trainable parameters differ from the converted layers' mixers")
     if not named:
-        raise ValueError(f"stage {stage.name}: nothing to train")
+        raise ConfigError(f"stage {stage.name}: nothing to train")
     return model, named
 
 
@@ -255,13 +265,9 @@ def kd_step(run: StepContext, ids: torch.Tensor) -> dict:
         taught = run.teacher(ids.to(run.teacher.device), use_cache=False, output_step_hidden_states=every)
     out = run.model(input_ids=ids, use_cache=False, output_step_hidden_states=every)
     if every:
-        student_head, teacher_head = base_model(run.model).lm_head, run.teacher.lm_head
         with torch.no_grad():
-            targets = [teacher_head(t).to(run.device) for t in taught.step_hidden_states]
-        losses = [
-            kd_loss(student_head(s), t, stage.temperature)
-            for s, t in zip(out.step_hidden_states, targets, strict=True)
-        ]
+            targets = [run.teacher.lm_head(t).to(run.device) for t in taught.step_hidden_states]
+        losses = [kd_loss(s, t, stage.temperature) for s, t in zip(out.step_logits, targets, strict=True)]
         logit_loss = torch.stack(losses).mean()
     else:
         logit_loss = kd_loss(out.logits, taught.logits.to(run.device), stage.temperature)
@@ -273,6 +279,20 @@ def kd_step(run: StepContext, ids: torch.Tensor) -> dict:
         record["exit_kl"] = exit_loss.item()
     run.backward(loss)
     return {"loss": loss.item(), "logit_kl": logit_loss.item(), **record}
+
+
+def add_step_logits(student: LT2ForCausalLM) -> None:
+    """Make the student's forward also return `step_logits`, its head applied to every loop step's hidden state,
+    when asked for the step hidden states (kd's every_step). Computed inside the forward, not by the caller: a
+    sharded (FSDP) student's head is gathered, and its gradient reduced, only around its own forward."""
+
+    def head_on_every_step(module: LT2ForCausalLM, args: tuple, kwargs: dict, output):
+        if kwargs.get("output_step_hidden_states"):
+            output["step_logits"] = tuple(module.lm_head(h) for h in output.step_hidden_states)
+        return output
+
+    # Registered before any sharding wraps the student, so it runs ahead of FSDP's own post-forward hook.
+    student.register_forward_hook(head_on_every_step, with_kwargs=True)
 
 
 def finetune_step(run: StepContext, ids: torch.Tensor) -> dict:
@@ -293,6 +313,28 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup - 1)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def shards_student(distributed_type, fsdp_plugin, stage: Stage) -> bool:
+    """Whether this stage shards the student with FSDP2, given accelerate's launch mode; unsupported modes fail.
+
+    Align stages run the converted mixers one by one outside the student's forward, where FSDP's hooks would
+    never gather them, and LoRA stages merge their adapters into whole weights: both stay data parallel (every
+    process holds the whole student, distill averages the gradients) in an FSDP launch too.
+    """
+    from accelerate.utils import DistributedType
+
+    supported = "plain data-parallel processes (accelerate launch --multi_gpu) or FSDP2 (--use_fsdp --fsdp_version 2)"
+    if distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError(f"distill does not run under DeepSpeed; launch {supported}")
+    if distributed_type != DistributedType.FSDP:
+        return False
+    if fsdp_plugin.fsdp_version != 2:
+        raise ConfigError(
+            f"distill shards the student with FSDP2 only (got fsdp_version {fsdp_plugin.fsdp_version}); "
+            f"launch {supported}"
+        )
+    return stage.kind != "align" and stage.trainable != "lora"
 
 
 def average_gradients(params: list[torch.nn.Parameter], num_processes: int) -> None:
@@ -343,11 +385,14 @@ def stage_key(index: int, stage: Stage) -> str:
     return f"{index}-{stage.name}"
 
 
-def write_student(student: LT2ForCausalLM, student_folder: Path, folder: Path, dtype: torch.dtype) -> None:
-    """The whole student as a checkpoint in `folder`: its weights (in `dtype`) plus every other file of the
-    student's own folder (config, tokenizer, remote code, provenance) copied as is."""
+def write_student(
+    student: LT2ForCausalLM, student_folder: Path, folder: Path, dtype: torch.dtype, weights: dict | None = None
+) -> None:
+    """The whole student as a checkpoint in `folder`: its weights (in `dtype`; `weights` instead of its state dict
+    when given) plus every other file of the student's own folder (config, tokenizer, remote code, provenance)
+    copied as is."""
     writer = ShardedWriter(folder)
-    for name, tensor in student.state_dict().items():
+    for name, tensor in (student.state_dict() if weights is None else weights).items():
         if name == "lm_head.weight" and student.config.tie_word_embeddings:
             continue
         writer.add(name, tensor.detach().to(dtype))
@@ -375,7 +420,7 @@ def check_run_folder(run: Path, config: DistillConfig, resume: bool) -> bool:
     settings_file = run / "run.json"
     if settings_file.exists():
         if not resume:
-            raise FileExistsError(f"{run}: already holds a distill run; pass --resume to continue it")
+            raise OutputExistsError(f"{run}: already holds a distill run; pass --resume to continue it")
         saved = json.loads(settings_file.read_text())
         mine = json.loads(json.dumps(config.settings()))
         # `out` is the folder itself (it may have moved); older runs stored paths relative to their directory.
@@ -383,21 +428,21 @@ def check_run_folder(run: Path, config: DistillConfig, resume: bool) -> bool:
         mine = {k: v for k, v in mine.items() if k != "out"}
         changed = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         if changed:
-            raise ValueError(f"{run}: cannot resume a run with different settings ({', '.join(changed)})")
+            raise ConfigError(f"{run}: cannot resume a run with different settings ({', '.join(changed)})")
         return False
     if run.exists() and any(run.iterdir()):
-        raise FileExistsError(f"{run}: exists and is not a distill run folder; choose another output folder")
+        raise OutputExistsError(f"{run}: exists and is not a distill run folder; choose another output folder")
     return True
 
 
 def read_run_settings(run: Path) -> dict:
     settings_file = Path(run) / "run.json"
     if not settings_file.is_file():
-        raise FileNotFoundError(f"{run}: no run.json; not a distill run folder")
+        raise InputNotFoundError(f"{run}: no run.json; not a distill run folder")
     try:
         return json.loads(settings_file.read_text(encoding="utf-8"))
     except ValueError as err:
-        raise ValueError(f"{settings_file}: not a readable run settings file ({err})") from err
+        raise ConfigError(f"{settings_file}: not a readable run settings file ({err})") from err
 
 
 def config_from_run(run: Path) -> DistillConfig:
@@ -506,20 +551,17 @@ class Trainer:
             mixed_precision="no",
             gradient_accumulation_steps=stage.micro_batches,
         )
-        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            raise RuntimeError(
-                "distill averages gradients over processes itself (data parallel); FSDP and DeepSpeed sharding are "
-                "not supported yet: launch with plain multi-GPU or multi-CPU processes"
-            )
+        sharded = shards_student(accelerator.distributed_type, getattr(accelerator.state, "fsdp_plugin", None), stage)
         micro_rows = stage.batch_size // stage.micro_batches  # rows of one micro-batch, over all processes
         if micro_rows % accelerator.num_processes:
             field_name = "micro_batch_size" if stage.micro_batches > 1 else "batch_size"
-            raise ValueError(
+            raise ConfigError(
                 f"stage {stage.name}: {field_name} {micro_rows} does not split over "
                 f"{accelerator.num_processes} processes"
             )
         set_seed(self.config.seed + index)
         student = load_model(source, dtype="float32").to(self.device)
+        add_step_logits(student)
         if self.config.gradient_checkpointing and stage.kind != "align":
             student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model, named = make_trainable(student, stage, self.converted)
@@ -531,7 +573,17 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, stage.steps, stage.warmup_steps, stage.min_lr_ratio)
         )
-        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+        if sharded:
+            # fully_shard swaps the parameters for sharded DTensors under the same names.
+            model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+            named = {name: p for name, p in model.named_parameters() if p.requires_grad}
+            params = list(named.values())
+        elif accelerator.distributed_type == DistributedType.FSDP:
+            # accelerate saves an FSDP launch's optimizers only beside a sharded model: this unsharded stage's
+            # optimizer (identical on every process) is checkpointed as a plain registered object instead.
+            accelerator.register_for_checkpointing(optimizer, scheduler)
+        else:
+            optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
         accelerator.register_for_checkpointing(progress)
 
         folder = self.run / "checkpoints" / stage_key(index, stage)
@@ -560,6 +612,7 @@ class Trainer:
         every = max(1, round(self.config.checkpoint_tokens / stage.tokens_per_step))
         bar = self.progress_bar(index, stage, progress.tokens, accelerator.is_main_process)
         last_good, loss = resumed, None
+        synced = [model] if sharded else []
         stage_started = time.perf_counter()
         while progress.step < stage.steps:
             started = time.perf_counter()
@@ -571,12 +624,13 @@ class Trainer:
             # resume replays a half-accumulated step from its first micro-batch.
             for micro in ids.split(micro_rows):
                 rows = process_rows(micro, accelerator.process_index, accelerator.num_processes).to(self.device)
-                with accelerator.accumulate(model), forward_precision(self.config.precision, devices):
+                # Only a sharded model has gradient syncs to skip; a plain module needs none.
+                with accelerator.accumulate(*synced), forward_precision(self.config.precision, devices):
                     records.append(STEPS[stage.kind](run, rows))
             record = mean_record(records)
-            average_gradients(params, accelerator.num_processes)
+            average_gradients(params, 1 if sharded else accelerator.num_processes)  # FSDP averaged them already
             loss = float(accelerator.reduce(torch.tensor(record["loss"], device=self.device), "mean"))
-            grad_norm = float(accelerator.clip_grad_norm_(params, stage.grad_clip))
+            grad_norm = whole(accelerator.clip_grad_norm_(params, stage.grad_clip)).item()
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written"
                 raise TrainingDiverged(
@@ -603,7 +657,9 @@ class Trainer:
             if progress.step % every == 0 or progress.step == stage.steps:
                 last_good = save_checkpoint(accelerator, folder, progress.step, named, metrics, self.config)
         bar.close()
-        self.finish_stage(accelerator, model, student, done, metrics)
+        # A sharded student's whole weights are gathered by every process, for the main one to write.
+        weights = accelerator.get_state_dict(model) if sharded else None
+        self.finish_stage(accelerator, model, student, done, metrics, weights)
         return loss
 
     def log_scalars(self, stage: str, record: dict) -> None:
@@ -621,8 +677,11 @@ class Trainer:
             disable=not (is_main and self.config.progress), dynamic_ncols=True,
         )
 
-    def finish_stage(self, accelerator, model, student: LT2ForCausalLM, done: Path, metrics: Path) -> None:
-        """Merge LoRA adapters into the weights, and write the student (fp32) as the stage's output."""
+    def finish_stage(
+        self, accelerator, model, student: LT2ForCausalLM, done: Path, metrics: Path, weights: dict | None = None
+    ) -> None:
+        """Merge LoRA adapters into the weights, and write the student (fp32) as the stage's output (`weights`: its
+        gathered state dict when it is sharded)."""
         if model is not student:
             check_ids = self.ids[: min(64, len(self.ids))].view(1, -1).long().to(self.device)
             with torch.no_grad():
@@ -635,7 +694,7 @@ class Trainer:
                 )
         if accelerator.is_main_process:
             with atomic_directory(done, overwrite=True, kind="run-output") as staging:
-                write_student(student, self.student_folder, staging, torch.float32)
+                write_student(student, self.student_folder, staging, torch.float32, weights)
                 shutil.copyfile(metrics, staging / "metrics.jsonl")
         accelerator.wait_for_everyone()
 
@@ -743,13 +802,44 @@ def load_usable_checkpoint(accelerator, found: list[Path], named: dict[str, torc
     )
 
 
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is an FSDP shard (a DTensor), which only exists once processes form a group."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor's whole value: a sharded one is gathered, which every process must join."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def trainable_weights(named: dict[str, torch.nn.Parameter], is_main: bool) -> dict[str, torch.Tensor]:
+    """The trainable parameters' whole values on CPU for the main process to write (empty elsewhere). Every process
+    must call it: sharded parameters are gathered first."""
+    weights = {}
+    for name, param in named.items():
+        value = whole(param) if is_sharded(param) or is_main else None
+        if is_main:
+            weights[name] = value.detach().cpu().contiguous()
+    return weights
+
+
 def restore_trainable(path: Path, named: dict[str, torch.nn.Parameter]) -> None:
     weights = load_file(str(path))
     if set(weights) != set(named):
-        raise ValueError(f"{path}: its parameters do not match this stage's trainable set")
+        raise ConfigError(f"{path}: its parameters do not match this stage's trainable set")
     with torch.no_grad():
         for name, tensor in weights.items():
-            named[name].copy_(tensor)
+            param = named[name]
+            if is_sharded(param):  # every process holds the whole tensor: each keeps its own shard, no exchange
+                from torch.distributed.tensor import distribute_tensor
+
+                mesh, placements = param.device_mesh, param.placements
+                tensor = distribute_tensor(tensor.to(param.device), mesh, placements, src_data_rank=None)
+            param.copy_(tensor)
 
 
 def save_checkpoint(accelerator, folder: Path, step: int, named: dict, metrics: Path, config: DistillConfig) -> Path:
@@ -762,13 +852,11 @@ def save_checkpoint(accelerator, folder: Path, step: int, named: dict, metrics: 
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
+    weights = trainable_weights(named, accelerator.is_main_process)
     if accelerator.is_main_process:
-        weights = {name: p.detach().cpu().contiguous() for name, p in named.items()}
         save_file(weights, str(staging / TRAINABLE_FILE), metadata={"format": "pt"})
         shutil.copyfile(metrics, staging / "metrics.jsonl")
-        if target.exists():  # the same step reached again after resuming from an earlier checkpoint
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        swap_folder(staging, target)  # replaces the same step reached again after resuming from an earlier one
         for old in checkpoints(folder)[: -config.keep_checkpoints]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()

@@ -42,10 +42,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from lt2convert.errors import ConfigError, LT2Error
+from lt2convert.io.outputs import swap_folder
+from lt2convert.presets import preset_config
+
 __all__ = ["AssetError", "KNOWN_ASSETS", "cache_dir", "fetch_asset"]
 
 
-class AssetError(RuntimeError):
+class AssetError(LT2Error, RuntimeError):
     """An asset could not be obtained or built (offline, corrupt download, unexpected archive layout)."""
 
 
@@ -134,7 +138,7 @@ def _builder(name: str) -> Callable[[Path, Path, bool], dict[str, Any]]:
     try:
         return KNOWN_ASSETS[name]
     except KeyError:
-        raise ValueError(f"unknown asset {name!r}; known assets: {', '.join(sorted(KNOWN_ASSETS))}") from None
+        raise ConfigError(f"unknown asset {name!r}; known assets: {', '.join(sorted(KNOWN_ASSETS))}") from None
 
 
 def _is_complete(target: Path) -> bool:
@@ -169,13 +173,7 @@ def _install(work: Path, target: Path) -> None:
     for path in work.iterdir():
         if path.is_file():
             os.chmod(path, 0o644)
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / target.name)
-    os.replace(work, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    swap_folder(work, target)
 
 
 def _envelope(name: str, record: dict[str, Any], work: Path) -> dict[str, Any]:
@@ -384,29 +382,17 @@ def _convert_gguf(gguf: Path, out: Path) -> dict[str, Any]:
     return {"transformers_version": transformers.__version__, "torch_version": torch.__version__}
 
 
-_EXPECTED_CONFIG = {
-    "model_type": "llama",
-    "architectures": ["LlamaForCausalLM"],
-    "tie_word_embeddings": True,
-    "num_hidden_layers": 30,
-    "hidden_size": 576,
-    "intermediate_size": 1536,
-    "num_attention_heads": 9,
-    "num_key_value_heads": 3,
-    "head_dim": 64,
-    "vocab_size": 49152,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "dtype": "bfloat16",
-}
-
 # SmolLM2's tokenizer puts its control tokens first; chat formatting and EOS handling depend on these ids.
 _EXPECTED_SPECIAL_IDS = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
 
 
 def _check_saved_config(out: Path) -> None:
+    """The converted config must describe the model of the `smollm2-135m` preset, field for field."""
     config = json.loads((out / "config.json").read_text())
-    wrong = {k: config.get(k) for k, v in _EXPECTED_CONFIG.items() if config.get(k) != v}
+    # transformers 5 nests rope_theta in rope_parameters and writes torch_dtype as dtype
+    config.setdefault("rope_theta", config.get("rope_parameters", {}).get("rope_theta"))
+    config.setdefault("torch_dtype", config.get("dtype"))
+    wrong = {k: config.get(k) for k, v in preset_config("smollm2-135m").items() if config.get(k) != v}
     if "quantization_config" in config:
         wrong["quantization_config"] = config["quantization_config"]
     if wrong:
@@ -421,7 +407,7 @@ def _check_saved_tokenizer(out: Path, original: Any) -> None:
     ids = {token: saved.convert_tokens_to_ids(token) for token in _EXPECTED_SPECIAL_IDS}
     if ids != _EXPECTED_SPECIAL_IDS:
         raise AssetError(f"saved tokenizer has special-token ids {ids}, expected {_EXPECTED_SPECIAL_IDS}")
-    if saved.eos_token != "<|im_end|>" or len(saved) != _EXPECTED_CONFIG["vocab_size"]:
+    if saved.eos_token != "<|im_end|>" or len(saved) != preset_config("smollm2-135m")["vocab_size"]:
         raise AssetError(f"saved tokenizer: eos={saved.eos_token!r}, size={len(saved)}")
     if original.chat_template and saved.chat_template != original.chat_template:
         raise AssetError("saved tokenizer lost the GGUF's chat template")
@@ -803,10 +789,21 @@ def _debian_record(source: _DebianSource, origin: str) -> dict[str, Any]:
     }
 
 
+def _built_above_io(module: str, function: str) -> Callable[[Path, Path, bool], dict[str, Any]]:
+    """A builder that lives in a module above io (one that trains a model, say), named here and imported only
+    when the asset is built, so that io never imports the layers above it."""
+
+    def build(work: Path, downloads: Path, force: bool) -> dict[str, Any]:
+        return getattr(importlib.import_module(module), function)(work, downloads, force)
+
+    return build
+
+
 KNOWN_ASSETS: dict[str, Callable[[Path, Path, bool], dict[str, Any]]] = {
     "smollm2-135m": _build_smollm2,
     "shakespeare": _build_shakespeare,
     "austen": _build_austen,
     "jargon": _build_dictionary(_JARGON),
     "devils-dictionary": _build_dictionary(_DEVIL),
+    "smollm2-looped": _built_above_io("lt2convert.looped_asset", "build_smollm2_looped"),
 }

@@ -11,11 +11,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from lt2convert.errors import LT2Error
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LT2Error, ValueError):
     """A checkpoint folder or file is missing, malformed, or does not match its config."""
 
 
@@ -48,6 +50,8 @@ class TensorInfo:
     file: Path
     dtype: str  # safetensors dtype code, e.g. "BF16"
     shape: tuple[int, ...]
+    offset: int = 0  # where the tensor's bytes start in `file`
+    nbytes: int = 0
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
@@ -69,8 +73,14 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         raise CheckpointError(
             f"{path}: truncated: header promises {8 + header_len + data_end} bytes, file has {size}"
         )
+    data_start = 8 + header_len
     return {
-        name: TensorInfo(name, path, entry["dtype"], tuple(entry["shape"])) for name, entry in header.items()
+        name: TensorInfo(
+            name, path, entry["dtype"], tuple(entry["shape"]),
+            offset=data_start + entry["data_offsets"][0],
+            nbytes=entry["data_offsets"][1] - entry["data_offsets"][0],
+        )
+        for name, entry in header.items()
     }
 
 

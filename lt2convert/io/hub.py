@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from lt2convert.errors import LT2Error
+
 # What a download fetches: configs, tokenizer files and safetensors weights. Never code (*.py) or pickles.
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"]
 
 
-class SourceError(ValueError):
+class SourceError(LT2Error, ValueError):
     """A checkpoint source that cannot be resolved."""
 
 

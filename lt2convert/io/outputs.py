@@ -26,13 +26,16 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
+
+from lt2convert.errors import DiskFullError, LT2Error, OutputExistsError
 
 PARTIAL_MARKER = ".lt2convert-partial"  # inside a staging folder: {"pid": ..., "host": ...}
 REPORT_MARKER = ".lt2convert-report"  # inside a report folder
 PLAN_HEADER = "# lt2convert plan"  # the first line of every plan file written
 
 
-class OutputError(ValueError):
+class OutputError(LT2Error, ValueError):
     """An output path that must not be written: it holds something lt2convert did not write."""
 
 
@@ -192,7 +195,7 @@ def _make_staging(target: Path, kind: str) -> Path:
 def _named_disk_full(err: OSError, target: Path) -> OSError:
     """ENOSPC (and the quota error) name no path; say which output ran out of room."""
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return OSError(err.errno, f"{target}: no space left on the device while writing it (nothing was kept)")
+        return DiskFullError(err.errno, f"{target}: no space left on the device while writing it (nothing was kept)")
     return err
 
 
@@ -206,7 +209,7 @@ def atomic_directory(target: Path, overwrite: bool = False, kind: str = "model")
     only when it is an output of `kind` (see `check_replaceable`)."""
     target = Path(target)
     if target.exists() and not overwrite:
-        raise FileExistsError(f"{target}: already exists (pass --overwrite to replace it)")
+        raise OutputExistsError(f"{target}: already exists (pass --overwrite to replace it)")
     check_replaceable(target, kind)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(target, warn=_note)
@@ -215,13 +218,7 @@ def atomic_directory(target: Path, overwrite: bool = False, kind: str = "model")
         yield staging
         (staging / PARTIAL_MARKER).unlink()
         normal_permissions(staging)
-        if target.exists():
-            backup = _make_staging(target, "old")
-            target.rename(backup / target.name)
-            staging.rename(target)
-            shutil.rmtree(backup)
-        else:
-            staging.rename(target)
+        swap_folder(staging, target)
     except OSError as err:
         shutil.rmtree(staging, ignore_errors=True)
         named = _named_disk_full(err, target)
@@ -233,9 +230,24 @@ def atomic_directory(target: Path, overwrite: bool = False, kind: str = "model")
         raise
 
 
-def atomic_write_text(path: Path, text: str, kind: str | None = None) -> Path:
-    """Write a text file through a temporary sibling renamed into place. With `kind`, an existing file is
-    replaced only when it is an output of that kind (see `check_replaceable`)."""
+def swap_folder(finished: Path, target: Path) -> None:
+    """Rename the finished folder onto `target` with no moment where a half-written folder has that name. An
+    existing `target` is first moved into an `.old-*` staging folder (put back by `remove_stale_partials` if the
+    process dies right then) and removed once the new folder is in place."""
+    if not target.exists():
+        finished.rename(target)
+        return
+    backup = _make_staging(target, "old")
+    target.rename(backup / target.name)
+    finished.rename(target)
+    shutil.rmtree(backup, ignore_errors=True)  # the swap is done; a leftover is a stale partial for the next run
+
+
+def atomic_write(path: Path, write: Callable[[IO], None], kind: str | None = None, binary: bool = False,
+                 replace: bool = True) -> Path:
+    """Call `write` on a temporary file beside `path`, then publish it as `path` with the mode a plain open would
+    give (the umask decides). With `kind`, an existing file is replaced only when it is an output of that kind
+    (see `check_replaceable`); with `replace=False` an existing file is never replaced (OutputExistsError)."""
     path = Path(path)
     if kind is not None:
         check_replaceable(path, kind)
@@ -244,22 +256,35 @@ def atomic_write_text(path: Path, text: str, kind: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         normal_permissions(Path(tmp))
-        os.replace(tmp, path)
+        _publish(Path(tmp), path, replace)
     except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
         named = _named_disk_full(err, path)
         if named is err:
             raise
         raise named from err
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
     return path
+
+
+def _publish(tmp: Path, path: Path, replace: bool) -> None:
+    if replace:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # atomic, and refuses a name that exists
+    except FileExistsError:
+        raise OutputExistsError(f"{path}: exists; not replacing an earlier result") from None
+
+
+def atomic_write_text(path: Path, text: str, kind: str | None = None) -> Path:
+    """Write a text file through a temporary sibling renamed into place (see `atomic_write`)."""
+    return atomic_write(path, lambda handle: handle.write(text), kind=kind)
 
 
 # ---------------------------------------------------------------------------------------------------- signals

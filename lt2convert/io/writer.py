@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import struct
 from pathlib import Path
 
-from lt2convert.io.checkpoint import INDEX_FILE, SINGLE_FILE
-from lt2convert.io.outputs import atomic_directory  # noqa: F401 - re-exported for callers
+from lt2convert.io.checkpoint import INDEX_FILE, SINGLE_FILE, TensorInfo
+
+
+def copy_file_range(source, target, offset: int, size: int) -> None:
+    """Append `size` bytes of `source` from `offset` at `target`'s position (both open binary files)."""
+    done = 0
+    try:
+        while done < size:
+            copied = os.copy_file_range(source.fileno(), target.fileno(), size - done, offset + done)
+            if copied == 0:
+                raise OSError(f"{source.name}: ends before byte {offset + size}")
+            done += copied
+    except OSError as err:
+        if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        source.seek(offset + done)  # file systems without in-kernel copy: through a buffer
+        while done < size:
+            chunk = source.read(min(COPY_CHUNK, size - done))
+            if not chunk:
+                raise OSError(f"{source.name}: ends before byte {offset + size}") from err
+            target.write(chunk)
+            done += len(chunk)
+
+
+COPY_CHUNK = 16 * 1024**2
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -40,21 +65,38 @@ class ShardedWriter:
 
         tensor = tensor.detach().cpu().contiguous()
         size = tensor.numel() * tensor.element_size()
-        entry_size = len(name) + 80 + 12 * tensor.dim()
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name}: dtype {dtype} cannot be stored in safetensors")
+        self.make_room(name, size, tensor.dim())
+        self.handle.write(tensor.view(-1).view(torch.uint8).numpy().data if size else b"")
+        self.record(name, SAFETENSORS_DTYPES[dtype], tensor.shape, size)
+
+    def add_stored(self, info: TensorInfo) -> None:
+        """Copy a tensor's bytes as stored in a source safetensors file, without loading it: the kernel copies
+        file to file, so a tensor that passes through costs neither memory nor a trip through Python."""
+        self.make_room(info.name, info.nbytes, len(info.shape))
+        self.handle.flush()
+        with info.file.open("rb") as source:
+            copy_file_range(source, self.handle, info.offset, info.nbytes)
+        self.handle.seek(0, os.SEEK_END)  # the copy moved the file position behind the buffered writer's back
+        self.record(info.name, info.dtype, info.shape, info.nbytes)
+
+    def make_room(self, name: str, size: int, ndim: int) -> None:
+        """Open a shard, or start the next one when this tensor would overflow its data or header budget."""
+        entry_size = len(name) + 80 + 12 * ndim
         if self.handle is not None and (
             self.offset + size > self.max_shard_bytes or self.header_estimate + entry_size > self.HEADER_RESERVE
         ):
             self.close_shard()
         if self.handle is None:
             self.open_shard()
-        dtype = str(tensor.dtype).removeprefix("torch.")
-        if dtype not in SAFETENSORS_DTYPES:
-            raise ValueError(f"tensor {name}: dtype {dtype} cannot be stored in safetensors")
-        self.handle.write(tensor.view(-1).view(torch.uint8).numpy().data if size else b"")
-        self.entries[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(tensor.shape),
+        self.header_estimate += entry_size
+
+    def record(self, name: str, dtype_code: str, shape, size: int) -> None:
+        self.entries[name] = {"dtype": dtype_code, "shape": list(shape),
                               "data_offsets": [self.offset, self.offset + size]}
         self.offset += size
-        self.header_estimate += entry_size
         self.total_bytes += size
 
     def open_shard(self) -> None:

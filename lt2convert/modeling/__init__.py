@@ -1,22 +1,19 @@
-"""The looped runtime (config, model, cache). Registered with transformers' Auto classes on import."""
+"""The looped runtime: config, model, cache.
 
-from transformers import AutoConfig, AutoModelForCausalLM
+The config module is light (no modeling code), so that reading and planning configs stays fast; the model module
+loads on first use of a model class, and registers "lt2"/"ouro" with transformers' Auto classes when it does.
+"""
+
+import importlib
 
 from .configuration_lt2 import MIXER_TYPES, LT2Config, OuroConfig
-from .modeling_lt2 import LoopedCache, LoopedOutput, LT2ForCausalLM, LT2Model, OuroForCausalLM
 
-AutoConfig.register("lt2", LT2Config, exist_ok=True)
-AutoConfig.register("ouro", OuroConfig, exist_ok=True)
-AutoModelForCausalLM.register(LT2Config, LT2ForCausalLM, exist_ok=True)
-AutoModelForCausalLM.register(OuroConfig, OuroForCausalLM, exist_ok=True)
+_RUNTIME = ("LT2Model", "LT2ForCausalLM", "OuroForCausalLM", "LoopedCache", "LoopedOutput")
 
-__all__ = [
-    "MIXER_TYPES",
-    "LT2Config",
-    "OuroConfig",
-    "LT2Model",
-    "LT2ForCausalLM",
-    "OuroForCausalLM",
-    "LoopedCache",
-    "LoopedOutput",
-]
+__all__ = ["MIXER_TYPES", "LT2Config", "OuroConfig", *_RUNTIME]
+
+
+def __getattr__(name: str):
+    if name in _RUNTIME:
+        return getattr(importlib.import_module(".modeling_lt2", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -133,4 +133,27 @@ class OuroConfig(LT2Config):
     model_type = "ouro"
 
 
-__all__ = ["LT2Config", "OuroConfig", "MIXER_TYPES"]
+# Cache geometry: how many entries the runtime allocates. Here rather than in the model file so that the cost
+# model can use it without importing torch.
+CACHE_BLOCK = 256  # growing caches are allocated in blocks of tokens, so decoding appends in place
+
+
+def cache_capacity(tokens: int, limit: int | None = None) -> int:
+    """Entries a growing cache allocates to hold `tokens`: whole blocks, at most `limit` (a sliding window)."""
+    capacity = -(-tokens // CACHE_BLOCK) * CACHE_BLOCK
+    return capacity if limit is None else min(capacity, limit)
+
+
+def window_capacity(config: LT2Config, context: int) -> int:
+    """Entries an SWA slot allocates after `context` tokens: the sink slots, then the ring of the last
+    `swa_window` keys, grown in whole blocks."""
+    sinks, window = config.swa_sinks, config.swa_window
+    return cache_capacity(sinks + min(context, window), sinks + window)
+
+
+def window_keys(config: LT2Config, context: int) -> int:
+    """Keys an SWA query reads with `context` tokens cached (itself included): its window and the sinks."""
+    return min(context, config.swa_window + config.swa_sinks)
+
+
+__all__ = ["LT2Config", "OuroConfig", "MIXER_TYPES", "cache_capacity", "window_capacity", "window_keys"]

@@ -1,7 +1,8 @@
 """Looped decoder runtime: Ouro, LT2 hybrids, and Llama-family checkpoints (the one-step case).
 
 Reads top to bottom: norms and RoPE, the token mixers, the decoder layer, the per-(step, layer) cache, the loop
-and its exit gate, the causal-LM head. Parameter names are exactly the on-disk names of Ouro checkpoints.
+and its exit gate (with adaptive exit, which skips a decoded token's steps after it exits), the causal-LM head.
+Parameter names are exactly the on-disk names of Ouro checkpoints.
 Self-contained (imports nothing else from lt2convert) because exported checkpoints ship it as remote code.
 """
 
@@ -11,6 +12,7 @@ import functools
 import math
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .configuration_lt2 import LT2Config, OuroConfig
+from .configuration_lt2 import LT2Config, OuroConfig, cache_capacity
 
 
 @functools.cache
@@ -146,27 +148,6 @@ def causal_attention_mask(
     return mask
 
 
-CACHE_BLOCK = 256  # growing caches are allocated in blocks of tokens, so decoding appends in place
-
-
-def cache_capacity(tokens: int, limit: int | None = None) -> int:
-    """Entries a growing cache allocates to hold `tokens`: whole blocks, at most `limit` (a sliding window)."""
-    capacity = -(-tokens // CACHE_BLOCK) * CACHE_BLOCK
-    return capacity if limit is None else min(capacity, limit)
-
-
-def window_capacity(config: LT2Config, context: int) -> int:
-    """Entries an SWA slot allocates after `context` tokens: the sink slots, then the ring of the last
-    `swa_window` keys, grown in whole blocks."""
-    sinks, window = config.swa_sinks, config.swa_window
-    return cache_capacity(sinks + min(context, window), sinks + window)
-
-
-def window_keys(config: LT2Config, context: int) -> int:
-    """Keys an SWA query reads with `context` tokens cached (itself included): its window and the sinks."""
-    return min(context, config.swa_window + config.swa_sinks)
-
-
 def reserve(state: dict, name: str, like: torch.Tensor, dim: int, needed: int, keep: int, limit: int | None = None):
     """Make state[name] hold at least `needed` entries along `dim` (shaped like `like` elsewhere), growing it by
     whole blocks and keeping its first `keep` entries. Returns the buffer."""
@@ -276,6 +257,18 @@ class LT2Attention(nn.Module):
         )
         return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, -1))
 
+    def replay(self, x: torch.Tensor, source: dict, targets: list[dict]) -> None:
+        """Adaptive exit: append to `targets` (this layer's slots at the loop steps a decoded token skips) the
+        key and value the token left in `source` (its slot at the exit step). The weights are shared across
+        steps, so these are exactly the keys the skipped steps would compute from the same input; `x` (that
+        input, normed) is not needed."""
+        last = source["length"] - 1
+        for state in targets:
+            length = state["length"]
+            for name in ("k", "v"):
+                cache_append(state, name, source[name].narrow(2, last, 1), 2, length)
+            state["length"] = length + 1
+
 
 def no_padding(ctx: MixerContext, mixer: str) -> None:
     if ctx.key_padding_mask is not None:
@@ -351,6 +344,21 @@ class LT2SlidingWindowAttention(LT2Attention):
 
     def step_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: dict) -> torch.Tensor:
         """attend_cached on head-major tensors: q [B, heads, 1, D], k/v [B, kv_heads, 1, D] -> [B, heads, 1, D]."""
+        self.write_token(k, v, state)
+        tokens, sinks = state["tokens"], self.sinks
+        held = min(tokens, self.window)
+        first = sinks - min(sinks, tokens - held)  # the sinks that have left the ring, then the ring
+        return F.scaled_dot_product_attention(
+            q,
+            state["k"][:, :, first : sinks + held],
+            state["v"][:, :, first : sinks + held],
+            scale=self.scaling,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+
+    def write_token(self, k: torch.Tensor, v: torch.Tensor, state: dict) -> None:
+        """Store one token's key/value [B, kv_heads, 1, D] at ring index tokens % window, and at its sink index
+        while it is one of the first `sinks` tokens."""
         tokens, sinks = state["tokens"], self.sinks
         slot = sinks + tokens % self.window
         held = min(tokens, self.window)
@@ -360,15 +368,13 @@ class LT2SlidingWindowAttention(LT2Attention):
             if tokens < sinks:
                 buffer[:, :, sinks - 1 - tokens] = new[:, :, 0]
         state["tokens"] = tokens + 1
-        held = min(tokens + 1, self.window)
-        first = sinks - min(sinks, tokens + 1 - held)  # the sinks that have left the ring, then the ring
-        return F.scaled_dot_product_attention(
-            q,
-            state["k"][:, :, first : sinks + held],
-            state["v"][:, :, first : sinks + held],
-            scale=self.scaling,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )
+
+    def replay(self, x: torch.Tensor, source: dict, targets: list[dict]) -> None:
+        """As LT2Attention.replay: the key/value the token wrote in `source` (at its ring index)."""
+        index = self.sinks + (source["tokens"] - 1) % self.window
+        k, v = (source[name].narrow(2, index, 1) for name in ("k", "v"))
+        for state in targets:
+            self.write_token(k, v, state)
 
 
 class LT2LightningIndexer(nn.Module):
@@ -438,6 +444,13 @@ class LT2SparseAttention(LT2Attention):
             q[:, 0], keys, values, q_idx[:, 0], index_keys, w_idx[:, 0], topk=self.topk, scale=self.scaling
         )
         return out[:, None]
+
+    def replay(self, x: torch.Tensor, source: dict, targets: list[dict]) -> None:
+        """As LT2Attention.replay, with the token's index key too."""
+        last = source["length"] - 1
+        k, v, k_idx = (source[name].narrow(1, last, 1) for name in ("k", "v", "k_idx"))
+        for state in targets:
+            self.append(state, k, v, k_idx)
 
     @staticmethod
     def append(state: dict, k: torch.Tensor, v: torch.Tensor, k_idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -522,11 +535,17 @@ class LT2GatedDeltaNet(nn.Module):
 
     def mix_inputs(self, x: torch.Tensor, state: dict | None) -> tuple[torch.Tensor, ...]:
         """q, k [B, S, heads, dk], v [B, S, heads, dv] after the short convolutions and SiLU."""
-        bsz, seq, _ = x.shape
+        return self.convolve(self.project_qkv(x), state)
+
+    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """The q, k and v projections of x [B, S, H], concatenated on the last axis."""
         projections = [self.q_proj, self.k_proj, self.v_proj]
         qkv = fused_linear(self, "qkv", projections, x)
-        if qkv is None:
-            qkv = torch.cat([proj(x) for proj in projections], dim=-1)
+        return torch.cat([proj(x) for proj in projections], dim=-1) if qkv is None else qkv
+
+    def convolve(self, qkv: torch.Tensor, state: dict | None) -> tuple[torch.Tensor, ...]:
+        """mix_inputs from the q/k/v projections [B, S, C] (the short convolutions' history in `state`)."""
+        bsz, seq, _ = qkv.shape
         # fla applies SiLU even without the convolution
         qkv = self.short_convolutions(qkv, state) if self.use_short_conv else F.silu(qkv)
         key_dim = self.num_heads * self.head_k_dim
@@ -552,6 +571,19 @@ class LT2GatedDeltaNet(nn.Module):
         layers = [self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj]
         layers += [self.g_proj] if self.use_gate else []
         return layers + ([self.q_conv1d, self.k_conv1d, self.v_conv1d] if self.use_short_conv else [])
+
+    def replay(self, x: torch.Tensor, source: dict, targets: list[dict]) -> None:
+        """Adaptive exit: advance `targets` (this layer's slots at the loop steps a decoded token skips) with the
+        token's normed layer input at its exit step, x [B, 1, H]. Its projections are computed once; each slot's
+        short convolution and recurrent state then take them as that step would. `source` is not needed."""
+        qkv = self.project_qkv(x)
+        g, beta = self.decay_and_beta(x)
+        for state in targets:
+            q, k, v = self.convolve(qkv, state)
+            _, state["recurrent"] = mixer_kernels().gated_delta_rule_step(
+                q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state["recurrent"],
+                use_qk_l2norm_in_kernel=True, inplace=True,
+            )
 
     def decode_step(self, x: torch.Tensor, state: dict) -> torch.Tensor | None:
         """One token [B, 1, H] on a filled slot, in few ops (at batch 1 a step costs op overhead, not arithmetic):
@@ -672,6 +704,11 @@ class LT2SlidingWindowGatedDeltaNet(LT2SlidingWindowAttention):
         mixed = local + self.gdn_gate.to(local.dtype)[:, None] * memory
         return self.o_proj(mixed.reshape(bsz, seq, -1))
 
+    def replay(self, x: torch.Tensor, source: dict, targets: list[dict]) -> None:
+        """Both branches' replay: the window takes the token's key/value, the GDN its projections."""
+        super().replay(x, source, targets)
+        self.gdn.replay(x, source, targets)
+
 
 MIXER_CLASSES: dict[str, type[nn.Module]] = {
     "full_attention": LT2Attention,
@@ -728,6 +765,11 @@ class LT2DecoderLayer(GradientCheckpointingLayer):
         x = x + (self.input_layernorm_2(mixed) if self.sandwich else mixed)
         out = self.mlp(self.post_attention_layernorm(x))
         return x + (self.post_attention_layernorm_2(out) if self.sandwich else out)
+
+    def replay(self, x: torch.Tensor, source: dict, targets: list[dict]) -> None:
+        """Adaptive exit: fill this layer's slots `targets` at the loop steps a decoded token skips with what it
+        presented at its exit step (layer input x, its slot there `source`); no output, no MLP."""
+        self.self_attn.replay(self.input_layernorm(x), source, targets)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -786,10 +828,12 @@ class LoopedCache(Cache):
 
 @dataclass
 class LoopedOutput(CausalLMOutputWithPast):
-    """`exit_probs` [T, B, S]: the exit distribution p_t per token (None without an exit gate);
-    `step_hidden_states`: the normed hidden state after each loop step (when requested)."""
+    """`exit_probs` [T, B, S]: the exit distribution p_t per token (None without an exit gate, or under adaptive
+    exit); `exit_steps` [B, S]: under adaptive exit, the loop step each token exited at (it ran that many steps
+    plus one); `step_hidden_states`: the normed hidden state after each loop step run (when requested)."""
 
     exit_probs: torch.Tensor | None = None
+    exit_steps: torch.Tensor | None = None
     step_hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
@@ -829,15 +873,23 @@ class LT2PreTrainedModel(PreTrainedModel):
         return False
 
 
-def init_gdn_decay(a_log: torch.Tensor, dt_bias: torch.Tensor) -> None:
-    """fla's defaults: A ~ U(0, 16), A_log = log A; dt log-uniform in [1e-3, 1e-1] (floor 1e-4) and
-    dt_bias = softplus⁻¹(dt) so that softplus(dt_bias) = dt at initialisation."""
-    a_log.copy_(torch.empty_like(a_log, dtype=torch.float32).uniform_(0, 16).log())
-    dt = torch.exp(
-        torch.rand_like(dt_bias, dtype=torch.float32) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)
-    )
+def fla_gdn_decay(
+    heads: int, generator: torch.Generator | None = None, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fla's default (A_log, dt_bias), fp32: A ~ U(0, 16), A_log = log A; dt log-uniform in [1e-3, 1e-1]
+    (floor 1e-4) and dt_bias = softplus⁻¹(dt) so that softplus(dt_bias) = dt at initialisation."""
+    a_log = torch.empty(heads, device=device).uniform_(0, 16, generator=generator).log()
+    log_lo, log_hi = math.log(1e-3), math.log(1e-1)
+    dt = torch.exp(torch.rand(heads, generator=generator, device=device) * (log_hi - log_lo) + log_lo)
     dt = dt.clamp(min=1e-4)
-    dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+    return a_log, dt + torch.log(-torch.expm1(-dt))
+
+
+def init_gdn_decay(a_log: torch.Tensor, dt_bias: torch.Tensor) -> None:
+    """Set a GDN layer's decay parameters in place to fla's defaults (see `fla_gdn_decay`)."""
+    fla_a_log, fla_dt_bias = fla_gdn_decay(a_log.numel(), device=a_log.device)
+    a_log.copy_(fla_a_log)
+    dt_bias.copy_(fla_dt_bias)
 
 
 def exit_distribution(gate_logits: list[torch.Tensor]) -> torch.Tensor:
@@ -845,11 +897,28 @@ def exit_distribution(gate_logits: list[torch.Tensor]) -> torch.Tensor:
     gate_logits: T tensors [B, S] (fp32) -> [T, B, S]."""
     probs, survive = [], torch.ones_like(gate_logits[0])
     for gate in gate_logits[:-1]:
-        lam = torch.sigmoid(gate)
-        probs.append(lam * survive)
-        survive = survive * (1.0 - lam)
+        p, survive = exit_mass(gate, survive)
+        probs.append(p)
     probs.append(survive)
     return torch.stack(probs)
+
+
+def exit_mass(gate_logit: torch.Tensor, survive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of exit_distribution: p_t = λ_t·survive and the mass that survives step t."""
+    lam = torch.sigmoid(gate_logit)
+    return lam * survive, survive * (1.0 - lam)
+
+
+class LoopResult(NamedTuple):
+    """LT2Model's output. `steps`: the normed hidden state after each loop step run, [B, S, H] each (under
+    adaptive exit a token keeps its exit step's state at later steps, and decoding may stop before the last
+    step); `exit_probs`: [T, B, S], None without an exit gate or under adaptive exit; `exit_steps`: [B, S] under
+    adaptive exit, the step each token exited at."""
+
+    steps: list[torch.Tensor]
+    exit_probs: torch.Tensor | None
+    cache: LoopedCache | None
+    exit_steps: torch.Tensor | None
 
 
 class LT2Model(LT2PreTrainedModel):
@@ -879,8 +948,9 @@ class LT2Model(LT2PreTrainedModel):
         cache: LoopedCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-    ) -> tuple[list[torch.Tensor], torch.Tensor | None, LoopedCache | None]:
-        """-> (normed hidden state after each step [T × (B, S, H)], exit probs [T, B, S] or None, cache)."""
+        exit_threshold: float | None = None,
+    ) -> LoopResult:
+        """Every loop step for every token; with `exit_threshold`, adaptive exit (see `run_adaptive`)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -889,15 +959,72 @@ class LT2Model(LT2PreTrainedModel):
             cache = LoopedCache(self.config.num_hidden_layers, self.config.total_ut_steps)
         past = cache.seen_tokens if cache is not None else 0
         ctx = self.mixer_context(h, attention_mask, position_ids, past)
+        if exit_threshold is None:
+            steps = self.run_every_step(h, ctx, cache)
+            result = LoopResult(steps, self.exit_probs(steps), cache, None)
+        else:
+            result = self.run_adaptive(h, ctx, cache, exit_threshold)
+        if cache is not None:
+            cache.seen_tokens = past + h.shape[1]
+        return result
+
+    def run_every_step(self, h: torch.Tensor, ctx: MixerContext, cache: LoopedCache | None) -> list[torch.Tensor]:
         steps = []
         for step in range(self.config.total_ut_steps):
             for i, layer in enumerate(self.layers):
                 h = layer(h, ctx, cache.slot(step, i) if cache is not None else None)
             h = self.norm(h)  # Ouro norms at the end of every step, and the normed state feeds the next step
             steps.append(h)
-        if cache is not None:
-            cache.seen_tokens = past + h.shape[1]
-        return steps, self.exit_probs(steps), cache
+        return steps
+
+    def run_adaptive(
+        self, h: torch.Tensor, ctx: MixerContext, cache: LoopedCache | None, threshold: float
+    ) -> LoopResult:
+        """Adaptive exit (the policy is in LT2ForCausalLM's docstring): a token exits after the first step e whose
+        cumulative exit mass reaches `threshold`. At every later step each layer sees the token's step-e input
+        again (`presented`), which fills the layer's later slots as the policy says, and the token keeps its
+        step-e output. One decoded token (a single new token on a filled cache) stops looping once every row has
+        exited and fills the remaining slots by replay; a longer input runs every step for every token (the
+        parallel form of the same policy: the same outputs and cache, no compute saved)."""
+        num_steps = self.config.total_ut_steps
+        skip_steps = h.shape[1] == 1 and ctx.past_length > 0 and cache is not None
+        exited = torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device)
+        exit_steps = torch.full(h.shape[:2], num_steps - 1, device=h.device)
+        mass = torch.zeros(h.shape[:2], dtype=torch.float32, device=h.device)
+        survive = torch.ones_like(mass)
+        presented = [h] * len(self.layers)  # per layer, what each token presented to it at this step
+        steps: list[torch.Tensor] = []
+        some_exited = False
+        for step in range(num_steps):
+            for i, layer in enumerate(self.layers):
+                if some_exited:
+                    h = torch.where(exited[..., None], presented[i], h)
+                presented[i] = h
+                h = layer(h, ctx, cache.slot(step, i) if cache is not None else None)
+            h = self.norm(h)
+            if some_exited:
+                h = torch.where(exited[..., None], steps[-1], h)
+            steps.append(h)
+            if step == num_steps - 1:
+                break
+            p, survive = exit_mass(self.gate_logits(h), survive)
+            mass = mass + p  # the running cumsum of exit_distribution, as select_exit_hidden takes it
+            newly = (mass >= threshold) & ~exited
+            exit_steps.masked_fill_(newly, step)
+            exited |= newly
+            count = int(exited.sum())  # one device sync per step decides both
+            some_exited = count > 0
+            if skip_steps and count == exited.numel():
+                self.replay_skipped_steps(presented, cache, step)
+                break
+        return LoopResult(steps, None, cache, exit_steps)
+
+    def replay_skipped_steps(self, presented: list[torch.Tensor], cache: LoopedCache, last: int) -> None:
+        """Fill the slots of the steps after `last`, which every row has exited by: from then on each row presents
+        to layer i what it presented at `last` (`presented[i]`), whose keys slot (last, i) already holds."""
+        later = range(last + 1, self.config.total_ut_steps)
+        for i, layer in enumerate(self.layers):
+            layer.replay(presented[i], cache.slot(last, i), [cache.slot(s, i) for s in later])
 
     def mixer_context(
         self,
@@ -922,10 +1049,13 @@ class LT2Model(LT2PreTrainedModel):
     def exit_probs(self, steps: list[torch.Tensor]) -> torch.Tensor | None:
         if not self.config.use_exit_gate:
             return None
+        return exit_distribution([self.gate_logits(h) for h in steps])
+
+    def gate_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The exit gate's logits [B, S] on one step's hidden state."""
         gate = self.early_exit_gate
         # The gate runs in fp32: in bf16 the cumulative exit mass rounds to 1.0 before the last step.
-        logits = [F.linear(h.float(), gate.weight.float(), gate.bias.float()).squeeze(-1) for h in steps]
-        return exit_distribution(logits)
+        return F.linear(h.float(), gate.weight.float(), gate.bias.float()).squeeze(-1)
 
 
 class LT2ForCausalLM(LT2PreTrainedModel, GenerationMixin):
@@ -935,7 +1065,28 @@ class LT2ForCausalLM(LT2PreTrainedModel, GenerationMixin):
     `exit_at_step=k` -> step k's logits; `use_weighted_exit=True` -> Σ_t p_t·logits_t; `exit_threshold=q` ->
     per token the first step whose cumulative exit mass reaches q; no keyword -> the config's
     `early_exit_threshold` (1.0: the last step, since the mass reaches 1 only there in fp32). Models without an
-    exit gate (Llama family) always return the last step. All steps are always computed.
+    exit gate (Llama family) always return the last step.
+
+    Adaptive exit: the threshold rule that saves compute in decoding. A token exits after the first step e whose
+    cumulative exit mass reaches the threshold q, and its logits are step e's. Cache-fill policy: the steps
+    s > e are not run for it (no mixer output, no MLP), but each layer i's slot (s, i) takes what the token
+    presented at (e, i). The layer weights are shared across steps, so attention, SWA and DSA slots get exactly
+    step e's keys, values and index keys (copied, not recomputed), and GDN mixers (swa_gdn's GDN branch too)
+    advance their recurrent state and short-convolution history with step e's projections. Later tokens read,
+    at every step, each earlier token's entries as the policy left them.
+
+    When it applies, by `adaptive_exit`:
+    - None (default): to one new token on a filled cache (decoding, as generate() runs after the prefill) when
+      the threshold (`exit_threshold`, else the config's) is below 1. A forward over several tokens (prefill,
+      scoring) runs every step for every token and selects per token as Ouro does, so prompt tokens keep each
+      step's own cache (Ouro's paper: prefill needs it). At threshold 1 nothing changes: every step runs.
+    - True: every token of this forward follows the policy. Over several tokens this is the policy's parallel
+      form, for teacher-forced scoring under it: the logits and cache of decoding them one by one, with every
+      step computed (tokens that exited present their step-e inputs), so nothing is saved.
+    - False: every step runs, with Ouro's selection, in decoding too.
+    Batch > 1: rows exit at different steps. A step runs while some row has not exited, the exited rows
+    presenting their step-e inputs (their share of that step's work is wasted), and the steps after the last
+    row's exit are skipped. `exit_steps` in the output gives each token's exit step under the policy.
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -972,10 +1123,12 @@ class LT2ForCausalLM(LT2PreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        adaptive_exit: bool | None = None,
     ) -> LoopedOutput | tuple:
         """`return_dict`, `output_attentions` and `output_hidden_states` are the keywords generate() and peft pass
         to every model; attention weights and per-layer hidden states are not available (the loop's per-step states
-        are: `output_step_hidden_states=True`)."""
+        are: `output_step_hidden_states=True`). `adaptive_exit`: see the class docstring; generate() passes it and
+        `exit_threshold` on to every step."""
         if output_attentions or output_hidden_states:
             raise ValueError(
                 "output_attentions/output_hidden_states are not supported; use output_step_hidden_states=True"
@@ -984,18 +1137,28 @@ class LT2ForCausalLM(LT2PreTrainedModel, GenerationMixin):
             raise TypeError(
                 f"cache must be the LoopedCache this model returned (out.cache), not {type(cache).__name__}"
             )
-        steps, probs, cache = self.model(
+        if exit_threshold is not None and not 0.0 <= exit_threshold <= 1.0:
+            raise ValueError(f"exit_threshold={exit_threshold} is outside [0, 1]")
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        decoding = tokens is not None and tokens.shape[1] == 1 and cache is not None and cache.seen_tokens > 0
+        adaptive = self.adaptive_threshold(adaptive_exit, exit_threshold, exit_at_step, use_weighted_exit, decoding)
+        steps, probs, cache, exit_steps = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            exit_threshold=adaptive,
         )
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
-        kept = [h[:, keep] for h in steps]
-        kept_probs = probs[:, :, keep] if probs is not None else None
-        logits = self.select_logits(kept, kept_probs, exit_at_step, exit_threshold, use_weighted_exit)
+        if adaptive is None:
+            kept = [h[:, keep] for h in steps]
+            kept_probs = probs[:, :, keep] if probs is not None else None
+            logits = self.select_logits(kept, kept_probs, exit_at_step, exit_threshold, use_weighted_exit)
+        else:  # each token's last state is its exit step's
+            logits = self.lm_head(steps[-1][:, keep])
+            exit_steps = exit_steps[:, keep]
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
@@ -1008,9 +1171,31 @@ class LT2ForCausalLM(LT2PreTrainedModel, GenerationMixin):
             logits=logits,
             cache=cache if use_cache is not False else None,
             exit_probs=probs,
+            exit_steps=exit_steps,
             step_hidden_states=tuple(steps) if output_step_hidden_states else None,
         )
         return output.to_tuple() if return_dict is False else output
+
+    def adaptive_threshold(
+        self,
+        adaptive_exit: bool | None,
+        exit_threshold: float | None,
+        exit_at_step: int | None,
+        use_weighted_exit: bool,
+        decoding: bool,
+    ) -> float | None:
+        """The threshold at which this forward stops tokens looping (see the class docstring), or None when every
+        step runs."""
+        threshold_rule = exit_at_step is None and not use_weighted_exit and self.config.use_exit_gate
+        threshold = self.config.early_exit_threshold if exit_threshold is None else exit_threshold
+        if adaptive_exit and not threshold_rule:
+            raise ValueError(
+                "adaptive_exit=True needs the threshold rule: a model with an exit gate, and neither exit_at_step "
+                "nor use_weighted_exit"
+            )
+        if adaptive_exit or (adaptive_exit is None and threshold_rule and decoding and threshold < 1.0):
+            return threshold
+        return None
 
     def select_logits(
         self,
@@ -1053,6 +1238,23 @@ class OuroForCausalLM(LT2ForCausalLM):
     """Ouro's architecture name, so its published config.json (`architectures: [OuroForCausalLM]`) maps here."""
 
     config_class = OuroConfig
+
+
+def register_auto_classes() -> None:
+    """Map model_type "lt2" and "ouro" to these classes in transformers' Auto classes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoConfig.register("lt2", LT2Config, exist_ok=True)
+    AutoConfig.register("ouro", OuroConfig, exist_ok=True)
+    AutoModelForCausalLM.register(LT2Config, LT2ForCausalLM, exist_ok=True)
+    AutoModelForCausalLM.register(OuroConfig, OuroForCausalLM, exist_ok=True)
+
+
+# lt2convert's copy registers itself once defined (transformers may trigger lt2convert's registration hook while
+# this module is still importing, so the hook cannot do it). An exported checkpoint's remote-code copy is mapped
+# by its config's auto_map instead and must not touch the global Auto classes.
+if __name__ == "lt2convert.modeling.modeling_lt2":
+    register_auto_classes()
 
 
 __all__ = [
