@@ -426,15 +426,17 @@ Examples:
               help="A distill run folder (its metrics.jsonl) for the training curves; repeatable.")
 @click.option("--teacher", help="The model the others are compared with (default: one named 'teacher', else the "
               "first input's).")
+@click.option("--exit-sweep", type=click.Path(exists=True, dir_okay=False),
+              help="exit-sweep.json of a looped teacher's pipeline run: adds the adaptive-exit speed-quality curve.")
 @click.option("-o", "--output", default="report", show_default=True, type=click.Path(file_okay=False),
               help="Report folder (leaderboard.md, index.html); an earlier report there is replaced.")
 @fail_cleanly
-def report(inputs, baselines, benches, runs, teacher, output) -> None:
+def report(inputs, baselines, benches, runs, teacher, exit_sweep, output) -> None:
     """Leaderboard of lm-eval results (files or folders) against published baselines, with speed plots."""
     from lt2convert.report import report as make_report
 
     out = make_report(list(inputs), baselines=baselines, bench=list(benches), output=output, runs=list(runs),
-                      teacher=teacher)
+                      teacher=teacher, exit_sweep=exit_sweep)
     click.echo(f"wrote {out / 'leaderboard.md'} and {out / 'index.html'}")
 
 

@@ -225,6 +225,15 @@ def test_exit_sweep_section_only_with_a_sweep_file(inputs, tmp_path):
     assert not (tmp_path / "broken").exists()
 
 
+def test_report_command_takes_the_exit_sweep_file(inputs, tmp_path):
+    folder, other, bench = inputs
+    result = CliRunner().invoke(main, ["report", str(folder), str(other), "--bench", str(bench), "--teacher",
+                                       "./ouro-1.4b", "--exit-sweep", str(tmp_path / "exit-sweep.json"),
+                                       "-o", str(tmp_path / "cli")])
+    assert result.exit_code == 0, result.output
+    assert 'id="adaptive-exit"' in (tmp_path / "cli" / "index.html").read_text()
+
+
 def test_report_from_results_alone_has_score_plots(inputs, tmp_path):
     folder, other, _ = inputs
     out = report([folder, other], baselines="none", output=tmp_path / "report", teacher="./ouro-1.4b")
