@@ -133,7 +133,8 @@ def time_distill_steps(
     and backward, median of `repeats` after a warm-up that compiles the kernels) for a looped teacher and its GDN
     student on `device`."""
     from lt2convert.distill.recipe import Stage
-    from lt2convert.distill.train import STEPS, StepContext, add_step_logits, forward_precision, make_trainable
+    from lt2convert.distill.steps import STEPS, StepContext, add_step_logits, make_trainable
+    from lt2convert.distill.train import forward_precision
     from lt2convert.modeling import LT2Config, LT2ForCausalLM
 
     shape = {**DISTILL_MODEL, **(model or {}), "num_hidden_layers": len(DISTILL_LAYERS)}

@@ -23,6 +23,7 @@ from lt2convert import load_model
 from lt2convert.calibrate import mixer_output_errors
 from lt2convert.cli import main
 from lt2convert.convert import convert_checkpoint
+from lt2convert.distill import steps as steps_module
 from lt2convert.distill import train as train_module
 from lt2convert.distill.losses import align_loss, exit_kl_loss, indexer_kl_loss, kd_loss
 from lt2convert.distill.recipe import Stage, load_stages, parse_stages, scale_budgets
@@ -218,7 +219,7 @@ def test_only_the_new_mixers_change(tiny):
         assert torch.equal(final.get(name), teacher.get(name)), name
     assert any(not torch.equal(final.get(n), student.get(n)) for n in final.names() if n.startswith(MIXER))
     with pytest.raises(ValueError, match="no converted layers"):
-        train_module.converted_layers(load_config(tiny["teacher"])[0], load_config(tiny["teacher"])[0])
+        steps_module.converted_layers(load_config(tiny["teacher"])[0], load_config(tiny["teacher"])[0])
 
 
 KILLED_RUN = """
@@ -271,20 +272,20 @@ def test_resume_after_sigkill_is_exact(tiny):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, monkeypatch):
     config = replace(tiny["config"], out=str(tiny["root"] / "run-nan"), stages=[ALIGN])
     calls = {"n": 0}
-    original = train_module.align_loss
+    original = steps_module.align_loss
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss = original(*args, **kwargs)
         return loss * float("nan") if calls["n"] > 6 * 2 else loss  # from step 7 (1 layer x 2 loop steps a step)
 
-    monkeypatch.setattr(train_module, "align_loss", poisoned)
+    monkeypatch.setattr(steps_module, "align_loss", poisoned)
     with pytest.raises(TrainingDiverged, match=r"align step 7: loss nan.*last good checkpoint: .*step-00000006"):
         distill(config)
     run = tiny["root"] / "run-nan"
     assert [c.name for c in checkpoints(run / "checkpoints" / "0-align")] == ["step-00000003", "step-00000006"]
     assert len(metrics(run)) == 6 and not (run / "stages").exists()
-    monkeypatch.setattr(train_module, "align_loss", original)
+    monkeypatch.setattr(steps_module, "align_loss", original)
     result = distill(config, resume=True)  # the kept checkpoint is intact: resuming reproduces run A's align
     a, b = load_file(tiny["result"].stages[0] / "model.safetensors"), load_file(result.stages[0] / "model.safetensors")
     assert all(torch.equal(a[n], b[n]) for n in a)

@@ -186,7 +186,7 @@ def recipe_costs(
     mfu: float = DEFAULT_MFU, checkpointing: bool = False,
 ) -> dict:
     """Every stage's StageCost and the totals, as a JSON-ready dict."""
-    from lt2convert.distill.train import converted_layers
+    from lt2convert.distill.steps import converted_layers
     from lt2convert.summary import parameter_breakdown
 
     converted = converted_layers(teacher, student)
