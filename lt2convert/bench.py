@@ -277,13 +277,17 @@ def time_decode(
         synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-            ran = model.config.total_ut_steps if out.exit_steps is None else int(out.exit_steps.max()) + 1
-            loops.append(ran)
+            loops.append(loop_steps_run(model, out))
     seconds = statistics.median(times)
     return {
         "seconds_per_step": seconds, "tokens_per_s": batch / seconds, "steps": steps, "warmup": warmup,
         "loop_steps_per_token": statistics.fmean(loops),
     }
+
+
+def loop_steps_run(model: LT2ForCausalLM, out) -> int:
+    """Loop steps a decoding step ran: every step, or under adaptive exit until the batch's last row exited."""
+    return model.config.total_ut_steps if out.exit_steps is None else int(out.exit_steps.max()) + 1
 
 
 def check_exit_threshold(models: list[BenchModel], exit_threshold: float | None) -> None:

@@ -30,7 +30,6 @@ from lt2convert.modeling import LT2Config, LT2ForCausalLM
 __all__ = ["DEFAULT_THRESHOLDS", "SweepSettings", "format_table", "is_looped", "parse_thresholds", "sweep_model"]
 
 DEFAULT_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 @dataclass(frozen=True)
@@ -81,14 +80,13 @@ def is_looped(config: LT2Config) -> bool:
 def held_out_ids(folder: Path, texts: tuple[str, ...], tokens: int, windows: int) -> torch.Tensor:
     """[windows × len(texts), tokens] ids of held-out texts (asset names such as `jargon`, or files), tokenised
     with the checkpoint's tokenizer, or as UTF-8 bytes when the folder has none (random test checkpoints)."""
+    from lt2convert.distill.data import has_tokenizer
     from lt2convert.io.assets import fetch_asset
     from lt2convert.sensitivity import evaluation_ids
 
-    has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
+    tokenizer = "student" if has_tokenizer(folder) else "bytes"
     paths = [text if Path(text).is_file() else str(fetch_asset(text) / "heldout.txt") for text in texts]
-    return torch.cat(
-        [evaluation_ids(folder, p, tokens, windows, "student" if has_tokenizer else "bytes") for p in paths]
-    )
+    return torch.cat([evaluation_ids(folder, p, tokens, windows, tokenizer) for p in paths])
 
 
 def exit_mode(threshold: float) -> dict:
@@ -114,7 +112,7 @@ def score(model: LT2ForCausalLM, windows: torch.Tensor, threshold: float) -> dic
 def time_decode(model: LT2ForCausalLM, ids: torch.Tensor, prompt: int, threshold: float) -> tuple[float, float]:
     """Prefill ids[:, :prompt], then decode the rest one token at a time -> (decode tokens/s, mean loop steps a
     decoding step ran)."""
-    from lt2convert.bench import synchronize
+    from lt2convert.bench import loop_steps_run, synchronize
 
     device = ids.device
     mode = exit_mode(threshold)
@@ -124,8 +122,7 @@ def time_decode(model: LT2ForCausalLM, ids: torch.Tensor, prompt: int, threshold
     start = time.perf_counter()
     for t in range(prompt, ids.shape[1]):
         out = model(ids[:, t : t + 1], cache=cache, use_cache=True, **mode)
-        ran = model.config.total_ut_steps if out.exit_steps is None else int(out.exit_steps.max()) + 1
-        loop_steps.append(ran)
+        loop_steps.append(loop_steps_run(model, out))
     synchronize(device)
     seconds = time.perf_counter() - start
     return (ids.shape[1] - prompt) / seconds, statistics.fmean(loop_steps)

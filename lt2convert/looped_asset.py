@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -47,7 +46,9 @@ from lt2convert.distill.data import (
     tokenizer_fingerprint,
 )
 from lt2convert.distill.losses import kd_loss
+from lt2convert.distill.train import forward_precision, lr_factor
 from lt2convert.errors import ConfigError
+from lt2convert.export import copy_tokenizer
 from lt2convert.io.assets import cache_dir, fetch_asset
 from lt2convert.loading import config_from_dict, load_model
 from lt2convert.modeling import LT2ForCausalLM, OuroForCausalLM
@@ -57,8 +58,8 @@ __all__ = ["LoopedRecipe", "build_looped", "build_smollm2_looped", "continue_tar
 Log = Callable[[str], None]
 
 HELDOUT_ASSETS = ("jargon", "devils-dictionary")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 INIT_METHODS = ("stepwise", "average")
+LR_FLOOR = 0.1  # the cosine schedule ends at 10% of the peak learning rate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,18 +234,6 @@ def per_step_kd_loss(student_logits: list[torch.Tensor], teacher_logits: torch.T
     return (step_weights(len(student_logits)) * kls).sum(), kls.detach()
 
 
-def lr_at(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10%."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def autocast() -> contextlib.AbstractContextManager:
-    return torch.autocast("cpu", dtype=torch.bfloat16)
-
-
 def train_loops(
     student: OuroForCausalLM, teacher: LT2ForCausalLM, stream: PackedTokenStream, recipe: LoopedRecipe, log: Log
 ) -> list[list[float]]:
@@ -258,12 +247,12 @@ def train_loops(
     student.train()
     for step in range(recipe.kd_steps):
         for group in optimizer.param_groups:
-            group["lr"] = recipe.lr * lr_at(step, recipe.kd_steps, recipe.warmup)
+            group["lr"] = recipe.lr * lr_factor(step, recipe.kd_steps, recipe.warmup, LR_FLOOR)
         ids, _ = stream.next_batch(recipe.batch_size)
         positions = kd_positions(recipe.seq_len, recipe.kd_positions)
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), forward_precision("bf16", {"cpu"}):
             (target,), _ = step_logits(teacher, ids, positions)
-        with autocast():
+        with forward_precision("bf16", {"cpu"}):
             logits, _ = step_logits(student, ids, positions)
             loss, kls = per_step_kd_loss(logits, target, recipe.kd_temperature)
         optimizer.zero_grad(set_to_none=True)
@@ -301,7 +290,7 @@ def gate_training_data(
     states, losses = [], []
     for _ in range(recipe.gate_batches):
         ids, _ = stream.next_batch(recipe.batch_size)
-        with autocast():
+        with forward_precision("bf16", {"cpu"}):
             logits, steps = step_logits(student, ids)
         losses.append(torch.stack([token_losses(lg, ids) for lg in logits]))
         states.append(torch.stack([h[:, :-1].float().flatten(0, 1) for h in steps]))
@@ -351,7 +340,7 @@ def evaluate(student: LT2ForCausalLM, teacher: LT2ForCausalLM, windows: torch.Te
     threshold-0.5 exit) and how the gate's exit step relates to the teacher's per-token loss."""
     teacher_loss, step_loss, probs = [], [], []
     for ids in windows.split(4):
-        with autocast():
+        with forward_precision("bf16", {"cpu"}):
             teacher_loss.append(token_losses(teacher(ids, use_cache=False).logits, ids))
             result = student.model(input_ids=ids, use_cache=False)
             step_loss.append(torch.stack([token_losses(student.lm_head(h), ids) for h in result.steps]))
@@ -502,9 +491,7 @@ def build_smollm2_looped(work: Path, downloads: Path, force: bool) -> dict[str, 
     tokenising = time.monotonic() - started
     record = build_looped(teacher_folder, work, train_ids, heldout, recipe, progress)
     record["seconds"] = {"fetch_and_tokenise": round(tokenising, 1), **record["seconds"]}
-    for name in TOKENIZER_FILES:
-        if (teacher_folder / name).is_file():
-            shutil.copy2(teacher_folder / name, work / name)
+    copy_tokenizer(teacher_folder, work)
     return {
         "source": {
             "teacher": "smollm2-135m",

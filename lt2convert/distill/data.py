@@ -171,13 +171,17 @@ def read_text_file(path: str | Path, what: str = "text file") -> str:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+def has_tokenizer(folder: Path) -> bool:
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(folder: str | Path, role: str, hint: str = "copy the source model's tokenizer files into it"):
     """The Hugging Face tokenizer of a checkpoint folder, or a DataError naming the folder when it has none
     (transformers' own message lists candidate classes and names no folder)."""
     from transformers import AutoTokenizer
 
     folder = Path(folder)
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    if not has_tokenizer(folder):
         raise DataError(
             f"{folder}: {role} has no tokenizer (no {' or '.join(TOKENIZER_FILES[:2])}); {hint}"
         )
