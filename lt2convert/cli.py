@@ -72,13 +72,13 @@ USER_FILE_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOSPC, errno
 
 
 def emit(report: dict, as_json: bool, printer: str) -> None:
-    """Print a command's result as JSON, or as the rich tables of `lt2convert.render.<printer>`."""
+    """Print a command's result as JSON, or as the rich tables of `lt2convert.console.<printer>`."""
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    from lt2convert import render
+    from lt2convert import console
 
-    getattr(render, printer)(report)
+    getattr(console, printer)(report)
 
 
 @click.group(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]})
@@ -218,8 +218,7 @@ def plan(
     dtype: str,
 ) -> None:
     """Choose which layers of SOURCE become GDN, DSA or SWA, write plan.yaml, and compare costs."""
-    from lt2convert.plan import DECODE_CONTEXTS
-    from lt2convert.plan import plan as make_plan
+    from lt2convert.plan import DECODE_CONTEXTS, make_plan
     from lt2convert.units import parse_tokens
 
     choose = None
@@ -317,8 +316,7 @@ def convert(
     overwrite,
 ) -> None:
     """Convert SOURCE into the LT2 hybrid a plan describes, new mixers initialised from the attention."""
-    from lt2convert.convert import InitOptions
-    from lt2convert.convert import convert as run_convert
+    from lt2convert.convert import InitOptions, convert_model
 
     chosen = {
         "gdn_conv": init_gdn_conv,
@@ -328,7 +326,7 @@ def convert(
         "seed": seed,
     }
     init = dataclasses.replace(InitOptions(), **{k: v for k, v in chosen.items() if v is not None})
-    out = run_convert(
+    out = convert_model(
         source,
         plan_file,
         output,
@@ -433,9 +431,9 @@ Examples:
 @fail_cleanly
 def report(inputs, baselines, benches, runs, teacher, exit_sweep, output) -> None:
     """Leaderboard of lm-eval results (files or folders) against published baselines, with speed plots."""
-    from lt2convert.report import report as make_report
+    from lt2convert.report import write_report
 
-    out = make_report(list(inputs), baselines=baselines, bench=list(benches), output=output, runs=list(runs),
+    out = write_report(list(inputs), baselines=baselines, bench=list(benches), output=output, runs=list(runs),
                       teacher=teacher, exit_sweep=exit_sweep)
     click.echo(f"wrote {out / 'leaderboard.md'} and {out / 'index.html'}")
 
@@ -542,8 +540,7 @@ def distill(
     output,
 ) -> None:
     """Distill a converted STUDENT from its teacher, stage by stage (align, kd, finetune) as the recipe says."""
-    from lt2convert.distill import DistillConfig, config_from_run, load_stages, scale_budgets
-    from lt2convert.distill import distill as run_distill
+    from lt2convert.distill import DistillConfig, config_from_run, load_stages, run_distillation, scale_budgets
     from lt2convert.units import parse_tokens
 
     if dry_run:
@@ -567,7 +564,7 @@ def distill(
             gradient_checkpointing=gradient_checkpointing, precision=precision, progress=not no_progress,
         )
     config = dataclasses.replace(config, log_with=list(log_with))  # validated again
-    result = run_distill(config, resume=resume)
+    result = run_distillation(config, resume=resume)
     click.echo(f"wrote {result.final} ({result.tokens:,} tokens trained over {len(result.stages)} stages)")
 
 
@@ -627,9 +624,9 @@ Examples:
 def pipeline_command(source, recipe, tokens, data, suites, limit, contexts, baselines, fresh, no_progress,
                      output) -> None:
     """Plan, convert, distill, evaluate, bench and report SOURCE in one go; a re-run skips finished steps."""
-    from lt2convert.pipeline import pipeline
+    from lt2convert.pipeline import run_pipeline
 
-    result = pipeline(
+    result = run_pipeline(
         source, output, recipe=recipe, tokens=tokens, data=list(data), suites=suites,
         limit=None if limit == "none" else limit, contexts=contexts, baselines=baselines, fresh=fresh,
         progress=not no_progress, log=click.echo,

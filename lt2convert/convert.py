@@ -433,7 +433,7 @@ def calibration_ids(source_folder: Path, text_path: str | Path, tokens: int, win
     return torch.tensor(ids[: tokens * windows]).view(windows, tokens)
 
 
-def convert(
+def convert_model(
     source: str | Path,
     plan: str | Path,
     out: str | Path,

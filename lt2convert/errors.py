@@ -29,6 +29,10 @@ class DiskFullError(LT2Error, OSError):
     """The device ran out of room while writing an output; the message names the output."""
 
 
+class AssetError(LT2Error, RuntimeError):
+    """An asset could not be obtained or built (offline, corrupt download, unexpected archive layout)."""
+
+
 class PlanError(ConfigError):
     """A plan, recipe or strategy that cannot be used; the one-line message names every offending field."""
 

@@ -6,8 +6,8 @@ continues the distill run from its last checkpoint; `fresh=True` starts over.
 
 Output folder:
     pipeline.json        the settings; a re-run must use the same ones (or start fresh)
-    plan.yaml            `plan(source, recipe=...)`
-    hybrid/              `convert(source, plan.yaml, hybrid/)`
+    plan.yaml            `make_plan(source, recipe=...)`
+    hybrid/              `convert_model(source, plan.yaml, hybrid/)`
     distill/             the distill run folder (`distill/final/` is the distilled student)
     eval/teacher/        `evaluate(source, suite=...)`: results_<suite>_<date>.json per suite
     eval/student/        the same for distill/final
@@ -15,7 +15,7 @@ Output folder:
     bench-batch8.json    the same at batch 8
     exit-sweep.json      a looped teacher only: `sweep_model` (lt2convert.exit_sweep) of teacher and student, loop
                          steps, decode speed and held-out perplexity per adaptive-exit threshold
-    report/              `report(eval dirs, bench=[bench.json], runs=[distill/])`: leaderboard.md and index.html
+    report/              `write_report(eval dirs, bench=[bench.json], runs=[distill/])`: leaderboard.md and index.html
     summary.md           the teacher-vs-student table printed at the end (primary metrics, speed ratios)
 
 With no source it runs the embedded demo: SmolLM2-135M (`fetch_asset("smollm2-135m")`) with the
@@ -214,7 +214,7 @@ def leaderboard_table(eval_dirs: dict[str, Path], suites: list[str]) -> list[str
 
 def speed_table(bench: dict) -> list[str]:
     """Prefill and decoding speed and cache memory of each benched model, with ratios to the first (the teacher)."""
-    from lt2convert.render import human_bytes
+    from lt2convert.console import human_bytes
 
     models = bench["models"]
     names = [row["name"] for row in models]
@@ -258,7 +258,7 @@ def make_summary(
 # The pipeline
 
 
-def pipeline(
+def run_pipeline(
     source: str = DEFAULT_SOURCE,
     output: str | Path | None = None,
     *,
@@ -341,27 +341,27 @@ def pipeline(
         say(f"    {name} done in {seconds[name]:.1f} s" + (f": {detail}" if detail else ""))
 
     def do_plan() -> str:
-        from lt2convert.plan import plan
+        from lt2convert.plan import make_plan
 
-        made = plan(teacher, recipe=recipe, output=plan_file)
+        made = make_plan(teacher, recipe=recipe, output=plan_file)
         counts: dict[str, int] = {}
         for layer in made["layers"]:
             counts[layer["mixer"]] = counts.get(layer["mixer"], 0) + 1
         return ", ".join(f"{mixer} ×{n}" for mixer, n in counts.items())
 
     def do_convert() -> str:
-        from lt2convert.convert import convert
+        from lt2convert.convert import convert_model
 
-        return str(convert(teacher, plan_file, hybrid))
+        return str(convert_model(teacher, plan_file, hybrid))
 
     def do_distill() -> str:
-        from lt2convert.distill import DistillConfig, distill
+        from lt2convert.distill import DistillConfig, run_distillation
 
         config = DistillConfig(
             teacher=teacher, student=str(hybrid), data=list(data or []) or default_training_data(), out=str(run),
             stages=stages, progress=progress,
         )
-        result = distill(config, resume=True)
+        result = run_distillation(config, resume=True)
         losses = ", ".join(f"{k} {v:.4g}" for k, v in result.losses.items() if v is not None)
         return f"{result.tokens:,} tokens" + (f"; last loss {losses}" if losses else "")
 
@@ -411,11 +411,13 @@ def pipeline(
         return f"{decodes}; {swept}" if swept else decodes
 
     def do_report() -> str:
-        from lt2convert.report import report
+        from lt2convert.report import write_report
 
-        report([str(p) for p in eval_dirs.values()], baselines=baselines, bench=[str(bench_file), str(batched_file)],
-               output=report_dir, runs=[str(run)], teacher="teacher",
-               exit_sweep=sweep_file if sweep_file.is_file() else None)
+        write_report(
+            [str(p) for p in eval_dirs.values()], baselines=baselines, bench=[str(bench_file), str(batched_file)],
+            output=report_dir, runs=[str(run)], teacher="teacher",
+            exit_sweep=sweep_file if sweep_file.is_file() else None,
+        )
         return str(report_dir / "index.html")
 
     step(1, "plan", plan_file, f"{source} with recipe {recipe} -> {plan_file}", plan_file.is_file(), do_plan)

@@ -12,7 +12,6 @@ import typing
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -46,6 +45,7 @@ from lt2convert.placement import (
 )
 from lt2convert.placement import ends as ends  # re-exported: `from lt2convert.plan import ends` keeps working
 from lt2convert.placement import interleave as interleave
+from lt2convert.recipes import read_recipe_data
 from lt2convert.schema import (
     Flag,
     NonNegativeInt,
@@ -358,30 +358,6 @@ def plan_rule_problems(data: object) -> list[str]:
 # Recipes: YAML files whose `plan:` section is a PlanSpec (other top-level keys belong to other commands)
 
 
-def recipe_names() -> list[str]:
-    return sorted(p.name.removesuffix(".yaml") for p in resources.files("lt2convert.recipes").iterdir()
-                  if p.name.endswith(".yaml"))
-
-
-def read_recipe_data(name: str) -> tuple[dict, str]:
-    """(the parsed YAML mapping, a name for messages) of a shipped recipe by name, or a recipe file by path."""
-    import yaml
-
-    if Path(name).is_file():
-        text, origin = Path(name).read_text(), name
-    elif name in recipe_names():
-        text, origin = (resources.files("lt2convert.recipes") / f"{name}.yaml").read_text(), f"recipe {name}"
-    else:
-        raise PlanError(f"recipe {name}", [f"no such recipe or file (shipped recipes: {', '.join(recipe_names())})"])
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise PlanError(origin, ["not valid YAML"]) from err
-    if not isinstance(data, dict):
-        raise PlanError(origin, ["expected a mapping with a plan: section"])
-    return data, origin
-
-
 GDNOverrides, DSAOverrides, SWAOverrides = (overrides_of(cls) for cls in (GDNSettings, DSASettings, SWASettings))
 
 
@@ -593,7 +569,7 @@ def plan_costs(
     }
 
 
-def plan(
+def make_plan(
     source: str,
     *,
     recipe: str | None = None,

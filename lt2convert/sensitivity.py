@@ -119,8 +119,8 @@ def sensitivity_plan(
 ) -> Plan:
     """A plan with the recipe's mix, whose full-attention layers are the most sensitive ones (see module doc);
     with `keep_retrieval` N, the N layers that copy most from context (lt2convert.retrieval) come first."""
-    from lt2convert.convert import convert
-    from lt2convert.distill import DistillConfig, Stage, distill
+    from lt2convert.convert import convert_model
+    from lt2convert.distill import DistillConfig, Stage, run_distillation
     from lt2convert.io.assets import fetch_asset
     from lt2convert.loading import load_config, resolve_checkpoint
 
@@ -143,12 +143,12 @@ def sensitivity_plan(
     with tempfile.TemporaryDirectory(prefix="lt2-sensitivity-", dir=work_dir) as work:
         work = Path(work)
         write_plan(every_layer, work / "plan.yaml")
-        converted = convert(folder, work / "plan.yaml", work / "converted", calibration=data[0], init=init)
-        run = distill(DistillConfig(
+        converted = convert_model(folder, work / "plan.yaml", work / "converted", calibration=data[0], init=init)
+        result = run_distillation(DistillConfig(
             teacher=str(folder), student=str(converted), data=data, out=str(work / "run"), stages=[align],
             seed=seed, tokenizer=tokenizer, progress=progress,
         ))
-        scores = layer_scores(str(folder), str(run.final), ids)
+        scores = layer_scores(str(folder), str(result.final), ids)
     assignments = keep_most_sensitive(scores, keep, mixer, tuple(reserved))
     chosen = build_plan(source, config, dataclasses.replace(spec, placement="explicit", layers=assignments))
     params = {

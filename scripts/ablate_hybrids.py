@@ -91,30 +91,30 @@ def atomic_json(path: Path, data: dict) -> None:
 
 
 def base_stages(recipe: str) -> list[dict]:
-    from lt2convert.plan import read_recipe_data
+    from lt2convert.recipes import read_recipe_data
 
     data, _origin = read_recipe_data(recipe)
     return data["stages"]
 
 
 def make_plan(variant: Variant, folder: Path, args: argparse.Namespace) -> Path:
-    from lt2convert.plan import plan
+    from lt2convert.plan import make_plan
 
     plan_file = folder / "plan.yaml"
     if plan_file.is_file():
         return plan_file
     recipe_file = folder / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(variant.recipe(base_stages(args.recipe)), sort_keys=False))
-    plan(args.teacher, recipe=str(recipe_file), output=plan_file)
+    make_plan(args.teacher, recipe=str(recipe_file), output=plan_file)
     return plan_file
 
 
 def convert_hybrid(plan_file: Path, folder: Path, args: argparse.Namespace) -> Path:
-    from lt2convert.convert import convert
+    from lt2convert.convert import convert_model
 
     hybrid = folder / "hybrid"
     if not hybrid.is_dir():
-        convert(args.teacher, plan_file, hybrid)
+        convert_model(args.teacher, plan_file, hybrid)
     return hybrid
 
 

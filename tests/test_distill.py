@@ -25,9 +25,10 @@ from lt2convert.cli import main
 from lt2convert.convert import convert_checkpoint
 from lt2convert.distill import steps as steps_module
 from lt2convert.distill import train as train_module
+from lt2convert.distill.checkpoints import checkpoints
 from lt2convert.distill.losses import align_loss, exit_kl_loss, indexer_kl_loss, kd_loss
 from lt2convert.distill.recipe import Stage, load_stages, parse_stages, scale_budgets
-from lt2convert.distill.train import DistillConfig, TrainingDiverged, checkpoints, distill, lr_factor
+from lt2convert.distill.train import DistillConfig, TrainingDiverged, lr_factor, run_distillation
 from lt2convert.io.checkpoint import LazyCheckpoint
 from lt2convert.loading import derive_config, load_config
 from lt2convert.plan import PlanError
@@ -159,7 +160,7 @@ def tiny(tmp_path_factory):
         teacher=str(teacher), student=str(student), data=[str(root / "train.txt")], out=str(root / "run-a"),
         stages=[ALIGN, KD], tokenizer="bytes", checkpoint_tokens=3 * BATCH * SEQ, progress=False,
     )
-    result = distill(config)
+    result = run_distillation(config)
     return {"root": root, "teacher": teacher, "student": student, "config": config, "result": result}
 
 
@@ -233,7 +234,7 @@ def slow(*args, **kwargs):
 t.STEPS["kd"] = slow
 settings = json.loads(sys.argv[1])
 settings["stages"] = [stage_from_settings(s) for s in settings["stages"]]
-t.distill(t.DistillConfig(**settings))
+t.run_distillation(t.DistillConfig(**settings))
 """
 
 
@@ -253,8 +254,8 @@ def test_resume_after_sigkill_is_exact(tiny):
     killed_at = int(checkpoints(kd_checkpoints)[-1].name.removeprefix("step-"))
     assert 0 < killed_at < 10
     with pytest.raises(FileExistsError, match="--resume"):
-        distill(config)
-    result = distill(config, resume=True)
+        run_distillation(config)
+    result = run_distillation(config, resume=True)
     a, b = load_file(tiny["result"].final / "model.safetensors"), load_file(result.final / "model.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
     ma, mb = metrics(tiny["root"] / "run-a"), metrics(run)
@@ -266,7 +267,7 @@ def test_resume_after_sigkill_is_exact(tiny):
     assert [[m[k] for k in keys] for m in ma] == [[m[k] for k in keys] for m in mb]
     changed = replace(config, stages=[ALIGN, replace(KD, lr=1.0)])
     with pytest.raises(ValueError, match=r"different settings \(stages\)"):
-        distill(changed, resume=True)
+        run_distillation(changed, resume=True)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, monkeypatch):
@@ -281,12 +282,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, monkeypatch):
 
     monkeypatch.setattr(steps_module, "align_loss", poisoned)
     with pytest.raises(TrainingDiverged, match=r"align step 7: loss nan.*last good checkpoint: .*step-00000006"):
-        distill(config)
+        run_distillation(config)
     run = tiny["root"] / "run-nan"
     assert [c.name for c in checkpoints(run / "checkpoints" / "0-align")] == ["step-00000003", "step-00000006"]
     assert len(metrics(run)) == 6 and not (run / "stages").exists()
     monkeypatch.setattr(steps_module, "align_loss", original)
-    result = distill(config, resume=True)  # the kept checkpoint is intact: resuming reproduces run A's align
+    result = run_distillation(config, resume=True)  # the kept checkpoint is intact: resuming reproduces run A's align
     a, b = load_file(tiny["result"].stages[0] / "model.safetensors"), load_file(result.stages[0] / "model.safetensors")
     assert all(torch.equal(a[n], b[n]) for n in a)
 
@@ -299,7 +300,7 @@ def test_lora_finetune_trains_only_adapters_and_merges_exactly(tiny):
     )[0]
     config = replace(tiny["config"], out=str(tiny["root"] / "run-lora"), student=str(tiny["result"].final),
                      stages=[lora], checkpoint_tokens=10**6)
-    result = distill(config)
+    result = run_distillation(config)
     saved = load_file(checkpoints(Path(config.out) / "checkpoints" / "0-finetune")[-1] / "trainable.safetensors")
     assert saved and all(".lora_A." in n or ".lora_B." in n for n in saved)
     before, after = LazyCheckpoint(tiny["result"].final), LazyCheckpoint(result.final)
@@ -339,7 +340,7 @@ def test_dsa_indexer_warm_up_lowers_its_kl(tmp_path):
         teacher=str(teacher), student=str(student), data=[str(tmp_path / "train.txt")], out=str(tmp_path / "run"),
         stages=[stage], tokenizer="bytes", progress=False,
     )
-    distill(config)
+    run_distillation(config)
     kl = [m["indexer_kl"]["2"] for m in metrics(tmp_path / "run")]
     assert set(metrics(tmp_path / "run")[0]["layer_loss"]) == {"1", "2"}
     assert sum(kl[-4:]) < 0.9 * sum(kl[:4]), kl
@@ -359,7 +360,7 @@ def test_align_opens_the_swa_gdn_gate_and_trains_its_memory(tmp_path):
         teacher=str(teacher), student=str(student), data=[str(tmp_path / "train.txt")], out=str(tmp_path / "run"),
         stages=[replace(ALIGN, tokens=12 * BATCH * SEQ, lr=3e-3)], tokenizer="bytes", progress=False,
     )
-    result = distill(config)
+    result = run_distillation(config)
     before, after = LazyCheckpoint(student), LazyCheckpoint(result.final)
     assert torch.equal(before.get(MIXER + "gdn_gate"), torch.zeros(SHAPE["num_attention_heads"]))
     assert after.get(MIXER + "gdn_gate").abs().min() > 0
@@ -383,7 +384,7 @@ def accumulated(tiny):
     runs = {}
     for name, stages in (("full", [EXACT_ALIGN, KD]), ("micro", [replace(EXACT_ALIGN, micro_batch_size=1), MICRO_KD])):
         config = replace(tiny["config"], out=str(tiny["root"] / f"run-{name}"), stages=stages, precision="fp32")
-        runs[name] = (config, distill(config))
+        runs[name] = (config, run_distillation(config))
     return runs
 
 
@@ -416,7 +417,7 @@ def dying(*args, **kwargs):
 t.STEPS["kd"] = dying
 settings = json.loads(sys.argv[1])
 settings["stages"] = [stage_from_settings(s) for s in settings["stages"]]
-t.distill(t.DistillConfig(**settings))
+t.run_distillation(t.DistillConfig(**settings))
 """
 
 
@@ -429,7 +430,7 @@ def test_resume_mid_accumulation_is_exact(accumulated, tmp_path):
     assert killed.returncode == -9
     done = [c.name for c in checkpoints(tmp_path / "run" / "checkpoints" / "1-kd")]
     assert done == ["step-00000003"] and len([m for m in metrics(tmp_path / "run") if m["stage"] == "kd"]) == 5
-    result = distill(config, resume=True)
+    result = run_distillation(config, resume=True)
     a, b = load_file(reference.final / "model.safetensors"), load_file(result.final / "model.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
     keys = ("stage", "windows", "loss", "lr", "grad_norm")
@@ -471,7 +472,7 @@ def test_log_with_feeds_accelerate_trackers_and_skips_missing_ones(tiny, monkeyp
     config = replace(tiny["config"], out=str(run), stages=[replace(ALIGN, tokens=3 * BATCH * SEQ)],
                      log_with=["tensorboard", "wandb"])
     with pytest.warns(UserWarning, match="wandb is not installed"):
-        distill(config)
+        run_distillation(config)
     (tracker,) = RecordingTracker.instances
     assert tracker.events == ["start", "finish"] and tracker.logging_dir == str(run / "trackers")
     assert tracker.hparams["stages.0.lr"] == ALIGN.lr and tracker.hparams["precision"] == config.precision
@@ -614,7 +615,7 @@ def test_resume_falls_back_from_a_damaged_checkpoint(tiny, recwarn):
 
     run = tiny["root"] / "run-damaged"
     config = replace(tiny["config"], out=str(run), stages=[ALIGN])
-    distill(config)
+    run_distillation(config)
     kept = checkpoints(run / "checkpoints" / "0-align")
     assert [c.name for c in kept] == ["step-00000018", "step-00000020"]
 
@@ -630,7 +631,7 @@ def test_resume_falls_back_from_a_damaged_checkpoint(tiny, recwarn):
 
     forget_the_finished_stage()
     damage(kept[-1])
-    result = distill(config, resume=True)
+    result = run_distillation(config, resume=True)
     warned = [str(w.message) for w in recwarn if "damaged checkpoint" in str(w.message)]
     assert len(warned) == 1 and str(kept[-1]) in warned[0] and f"resuming from {kept[0]}" in warned[0]
     a, b = load_file(tiny["result"].stages[0] / "model.safetensors"), load_file(result.stages[0] / "model.safetensors")
@@ -640,7 +641,7 @@ def test_resume_falls_back_from_a_damaged_checkpoint(tiny, recwarn):
     for checkpoint in checkpoints(run / "checkpoints" / "0-align"):
         damage(checkpoint)
     with pytest.raises(CheckpointError, match=r"step-00000020: damaged .*truncated.* no earlier checkpoint"):
-        distill(config, resume=True)
+        run_distillation(config, resume=True)
     cli = CliRunner().invoke(main, ["distill", "--resume", "--no-progress", "-o", str(run)])
     assert cli.exit_code == 1 and len(cli.output.strip().splitlines()) == 1 and "step-00000020" in cli.output
 

@@ -28,8 +28,9 @@ from click.testing import CliRunner
 from lt2convert import load_model
 from lt2convert.cli import main
 from lt2convert.convert import convert_checkpoint
+from lt2convert.distill.checkpoints import restore_trainable, trainable_weights, whole
 from lt2convert.distill.recipe import Stage
-from lt2convert.distill.train import restore_trainable, shards_student, trainable_weights, whole
+from lt2convert.distill.train import shards_student
 from lt2convert.errors import ConfigError
 from lt2convert.loading import derive_config, load_config
 from lt2convert.modeling import LT2ForCausalLM

@@ -19,7 +19,7 @@ import pytest
 
 from lt2convert.distill import data as data_module
 from lt2convert.evaluate import loaders, suite_specs
-from lt2convert.io import assets
+from lt2convert.io import assets, downloads, texts
 from lt2convert.io.assets import AssetError, fetch_asset
 
 # --- fakes of the Debian packages ------------------------------------------------------------------------
@@ -97,18 +97,18 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
-def _pin(monkeypatch: pytest.MonkeyPatch, name: str, deb: Path, cache: Path) -> assets._DebianSource:
+def _pin(monkeypatch: pytest.MonkeyPatch, name: str, deb: Path, cache: Path) -> downloads.DebianSource:
     """Make the pinned source `name` point at `deb`, pre-placed in the downloads folder (no apt-get)."""
-    source = dataclasses.replace(getattr(assets, name), sha256=hashlib.sha256(deb.read_bytes()).hexdigest())
-    monkeypatch.setattr(assets, name, source)
+    source = dataclasses.replace(getattr(texts, name), sha256=hashlib.sha256(deb.read_bytes()).hexdigest())
+    monkeypatch.setattr(texts, name, source)
     (cache / "downloads").mkdir(parents=True, exist_ok=True)
     deb.rename(cache / "downloads" / source.filename)
-    monkeypatch.setattr(assets, "_apt_download", lambda *a: pytest.fail("the cached .deb should be used"))
+    monkeypatch.setattr(downloads, "apt_download", lambda *a: pytest.fail("the cached .deb should be used"))
     return source
 
 
 def test_austen_asset_splits_novels(cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    deb = _fake_deb(tmp_path / "janeausten.deb", {assets._AUSTEN.members[0]: _lazyload_db(list(_NOVELS.values()))})
+    deb = _fake_deb(tmp_path / "janeausten.deb", {texts._AUSTEN.members[0]: _lazyload_db(list(_NOVELS.values()))})
     _pin(monkeypatch, "_AUSTEN", deb, cache)
     target = fetch_asset("austen")
     train = (target / "train.txt").read_text()
@@ -121,7 +121,7 @@ def test_austen_asset_splits_novels(cache: Path, tmp_path: Path, monkeypatch: py
 
 
 def test_austen_rejects_unexpected_data(cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    deb = _fake_deb(tmp_path / "janeausten.deb", {assets._AUSTEN.members[0]: _lazyload_db([["EMMA", "text"]])})
+    deb = _fake_deb(tmp_path / "janeausten.deb", {texts._AUSTEN.members[0]: _lazyload_db([["EMMA", "text"]])})
     _pin(monkeypatch, "_AUSTEN", deb, cache)
     with pytest.raises(AssetError, match="expected the six novels"):
         fetch_asset("austen")
@@ -131,9 +131,9 @@ def test_austen_rejects_unexpected_data(cache: Path, tmp_path: Path, monkeypatch
 def test_dictionary_asset_keeps_entries_in_order(cache: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     dict_dz, index = _dictd({"ZEBRA": "    A striped horse.", "ABACUS": "    A counting frame;\n    old."})
-    deb = _fake_deb(tmp_path / "devil.deb", dict(zip(assets._DEVIL.members, (dict_dz, index), strict=True)))
-    source = _pin(monkeypatch, "_DEVIL", deb, cache)
-    monkeypatch.setitem(assets.KNOWN_ASSETS, "devils-dictionary", assets._build_dictionary(source))
+    deb = _fake_deb(tmp_path / "devil.deb", dict(zip(texts.DEVIL.members, (dict_dz, index), strict=True)))
+    source = _pin(monkeypatch, "DEVIL", deb, cache)
+    monkeypatch.setitem(assets.KNOWN_ASSETS, "devils-dictionary", texts.build_dictionary(source))
     text = (fetch_asset("devils-dictionary") / "heldout.txt").read_text()
     # file order (not the index's alphabetical order), the dictfmt header dropped, layout kept
     assert text == "ZEBRA\n    A striped horse.\n\nABACUS\n    A counting frame;\n    old."
@@ -142,10 +142,10 @@ def test_dictionary_asset_keeps_entries_in_order(cache: Path, tmp_path: Path,
 def test_deb_member_missing_is_a_clear_error(tmp_path: Path) -> None:
     deb = _fake_deb(tmp_path / "x.deb", {"./usr/share/other": b"x"})
     with pytest.raises(AssetError, match="cannot read ./usr/share/dictd/devil.dict.dz"):
-        assets._read_deb_members(deb, ("./usr/share/dictd/devil.dict.dz",))
+        downloads.read_deb_members(deb, ("./usr/share/dictd/devil.dict.dz",))
     (tmp_path / "bad.deb").write_bytes(b"not an archive")
     with pytest.raises(AssetError, match="is not a Debian package"):
-        assets._read_deb_members(tmp_path / "bad.deb", ("x",))
+        downloads.read_deb_members(tmp_path / "bad.deb", ("x",))
 
 
 def test_apt_failure_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -153,10 +153,10 @@ def test_apt_failure_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         assert cmd[:2] == ["apt-get", "download"] and cmd[-1] == "dict-devil=1.0-13.1"
         return subprocess.CompletedProcess(cmd, 100, "", "W: noise\nE: Can't find a source to download version\n")
 
-    monkeypatch.setattr(assets.shutil, "which", lambda name: "/usr/bin/apt-get")
-    monkeypatch.setattr(assets.subprocess, "run", fail)
+    monkeypatch.setattr(downloads.shutil, "which", lambda name: "/usr/bin/apt-get")
+    monkeypatch.setattr(downloads.subprocess, "run", fail)
     with pytest.raises(AssetError, match=r"could not download dict-devil=1.0-13.1 .*Can't find a source") as info:
-        assets._apt_download(assets._DEVIL, tmp_path)
+        downloads.apt_download(texts.DEVIL, tmp_path)
     assert "\n" not in str(info.value) and not list(tmp_path.glob(".apt-*"))
 
 

@@ -4,18 +4,31 @@ the imports inside functions too (a lazy import still ties the two modules toget
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
-PACKAGE = Path(__file__).parents[1] / "lt2convert"
+ROOT = Path(__file__).parents[1]
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+def package_dirs() -> dict[str, Path]:
+    """Package name -> folder, as pyproject.toml maps them (kernels/, recipes/ and evals/ install under lt2convert)."""
+    settings = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    return {name: ROOT / folder for name, folder in settings["tool"]["setuptools"]["package-dir"].items()}
+
+
+def project_modules() -> dict[str, Path]:
+    """Every module of the installed project by its dotted name."""
+    modules = {}
+    for package, folder in package_dirs().items():
+        for path in folder.rglob("*.py"):
+            parts = path.relative_to(folder).with_suffix("").parts
+            parts = parts[:-1] if parts[-1] == "__init__" else parts
+            modules[".".join((package, *parts))] = path
+    return modules
 
 
 def import_graph() -> dict[str, set[str]]:
-    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    modules = project_modules()
     graph: dict[str, set[str]] = {name: set() for name in modules}
     for name, path in modules.items():
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -69,4 +82,6 @@ def test_the_cycle_check_sees_lazy_imports():
     """Guards the test above: an import inside a function is an edge, and a two-module cycle is found."""
     graph = {"a": {"b"}, "b": {"a"}, "c": set()}
     assert cycles(graph) == [["a", "b"]]
-    assert "lt2convert.sensitivity" in import_graph()["lt2convert.cli"]  # imported inside the plan command
+    graph = import_graph()
+    assert "lt2convert.sensitivity" in graph["lt2convert.cli"]  # imported inside the plan command
+    assert "lt2convert.recipes" in graph["lt2convert.plan"]  # packages mapped from other folders are in the graph

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from lt2convert.recipes import recipe_names
 
 from lt2convert.cli import main
 from lt2convert.costs import cache_bytes, causal_pairs, hardware, kv_cache_bytes_per_token
@@ -25,7 +26,6 @@ from lt2convert.plan import (
     load_recipe,
     plan_to_config,
     read_plan,
-    recipe_names,
     resolve_spec,
     write_plan,
 )

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from lt2convert.cli import main
-from lt2convert.report import crossover, report
+from lt2convert.report import crossover, write_report
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 
@@ -137,7 +137,7 @@ def benchmarks(md: str) -> list[str]:
 
 def test_leaderboard_compares_only_matching_cells(inputs, tmp_path):
     folder, other, bench = inputs
-    out = report([folder, other], baselines="ouro-paper", bench=[bench], output=tmp_path / "report")
+    out = write_report([folder, other], baselines="ouro-paper", bench=[bench], output=tmp_path / "report")
     md = (out / "leaderboard.md").read_text()
     # baseline row; ‡: the paper does not say acc or acc_norm; 25-shot acc_norm goes into the baseline row
     assert cell(md, "ARC-C ‡", "./ouro-hybrid") == "61.23 ± 1.40"
@@ -184,7 +184,7 @@ def images_in(page: str) -> list[str]:
 
 def test_html_self_contained_with_plots(inputs, distill_run, tmp_path):
     folder, other, bench = inputs
-    out = report([folder, other], bench=[bench], output=tmp_path / "report", runs=[distill_run],
+    out = write_report([folder, other], bench=[bench], output=tmp_path / "report", runs=[distill_run],
                  teacher="./ouro-1.4b")
     page = (out / "index.html").read_text()
     refs = re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)["']""", page)
@@ -195,7 +195,7 @@ def test_html_self_contained_with_plots(inputs, distill_run, tmp_path):
     assert '<table id="leaderboard">' in page and "<style>" in page
     assert page.index('class="card"') < page.index('alt="scores_by_task"') < page.index('id="leaderboard"')
     # Atomic replace: a second run over the same folder leaves one complete report and no temporary folders.
-    report([other], output=out)
+    write_report([other], output=out)
     assert "./ouro-hybrid" not in (out / "leaderboard.md").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "distill", "evals", "exit-sweep.json",
                                                           "other.json", "report"]
@@ -204,7 +204,9 @@ def test_html_self_contained_with_plots(inputs, distill_run, tmp_path):
 def test_exit_sweep_section_only_with_a_sweep_file(inputs, tmp_path):
     folder, other, bench = inputs
     sweep = tmp_path / "exit-sweep.json"
-    out = report([folder, other], bench=[bench], output=tmp_path / "with", teacher="./ouro-1.4b", exit_sweep=sweep)
+    out = write_report(
+        [folder, other], bench=[bench], output=tmp_path / "with", teacher="./ouro-1.4b", exit_sweep=sweep
+    )
     page, md = (out / "index.html").read_text(), (out / "leaderboard.md").read_text()
     assert "exit_speed_quality" in images_in(page) and 'id="adaptive-exit"' in page
     header, *rows = md_rows(md, "threshold")
@@ -213,7 +215,7 @@ def test_exit_sweep_section_only_with_a_sweep_file(inputs, tmp_path):
     assert rows[0] == ["0.3", "1.90", "2.10×", "1.350×", "1.90", "1.90×", "1.500×"]
     assert rows[-1] == ["1", "4.00", "1.00×", "1.000×", "4.00", "1.00×", "1.000×"]
     assert "Every step: ./ouro-1.4b 50.0 tokens/s, perplexity 20.00" in md
-    without = report([folder, other], bench=[bench], output=tmp_path / "without", teacher="./ouro-1.4b")
+    without = write_report([folder, other], bench=[bench], output=tmp_path / "without", teacher="./ouro-1.4b")
     page, md = (without / "index.html").read_text(), (without / "leaderboard.md").read_text()
     assert "exit_speed_quality" not in images_in(page) and "adaptive-exit" not in page
     assert "Adaptive exit" not in md
@@ -221,7 +223,7 @@ def test_exit_sweep_section_only_with_a_sweep_file(inputs, tmp_path):
     del broken["./ouro-hybrid"]["rows"][1]["perplexity_vs_every_step"]
     sweep.write_text(json.dumps(broken))
     with pytest.raises(ValueError, match=r"\./ouro-hybrid\.rows\[1\]\.perplexity_vs_every_step: expected a number"):
-        report([folder, other], output=tmp_path / "broken", teacher="./ouro-1.4b", exit_sweep=sweep)
+        write_report([folder, other], output=tmp_path / "broken", teacher="./ouro-1.4b", exit_sweep=sweep)
     assert not (tmp_path / "broken").exists()
 
 
@@ -236,7 +238,7 @@ def test_report_command_takes_the_exit_sweep_file(inputs, tmp_path):
 
 def test_report_from_results_alone_has_score_plots(inputs, tmp_path):
     folder, other, _ = inputs
-    out = report([folder, other], baselines="none", output=tmp_path / "report", teacher="./ouro-1.4b")
+    out = write_report([folder, other], baselines="none", output=tmp_path / "report", teacher="./ouro-1.4b")
     page = (out / "index.html").read_text()
     assert images_in(page) == ["scores_by_task"]
     md = (out / "leaderboard.md").read_text()
@@ -245,7 +247,7 @@ def test_report_from_results_alone_has_score_plots(inputs, tmp_path):
 
 def test_headline_quality_score_and_speed_table(inputs, tmp_path):
     folder, other, bench = inputs
-    md = (report([folder, other], bench=[bench], output=tmp_path / "r", teacher="./ouro-1.4b")
+    md = (write_report([folder, other], bench=[bench], output=tmp_path / "r", teacher="./ouro-1.4b")
           / "leaderboard.md").read_text()
     # Quality kept per task on the primary metric (piqa acc, hellaswag acc_norm 0-shot, gsm8k_cot strict-match);
     # arc_challenge and plain gsm8k have no teacher number and are left out.
@@ -277,9 +279,9 @@ def test_training_curves_need_metrics(distill_run, tmp_path):
     with open(distill_run / "metrics.jsonl", "a") as handle:
         handle.write("{not json\n")
     with pytest.raises(ValueError, match=r"metrics.jsonl:91: not a distill metrics record"):
-        report([], baselines="ouro-paper", runs=[distill_run], output=tmp_path / "r")
+        write_report([], baselines="ouro-paper", runs=[distill_run], output=tmp_path / "r")
     with pytest.raises(ValueError, match="no metrics.jsonl"):
-        report([], baselines="ouro-paper", runs=[tmp_path], output=tmp_path / "r")
+        write_report([], baselines="ouro-paper", runs=[tmp_path], output=tmp_path / "r")
 
 
 def test_report_cli(inputs, distill_run, tmp_path):
@@ -297,7 +299,7 @@ def test_report_cli(inputs, distill_run, tmp_path):
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium (scripts/test.sh installs it with apt-get when it can)")
 def test_html_renders_in_headless_chromium(inputs, distill_run, tmp_path):
     folder, other, bench = inputs
-    out = report([folder, other], bench=[bench], output=tmp_path / "report", runs=[distill_run],
+    out = write_report([folder, other], bench=[bench], output=tmp_path / "report", runs=[distill_run],
                  teacher="./ouro-1.4b", exit_sweep=tmp_path / "exit-sweep.json")
     sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
     from screenshot_report import MEASURE, chromium_flags
@@ -328,7 +330,8 @@ def test_real_bench_json(inputs, tmp_path):
     path = tmp_path / "real-bench.json"
     path.write_text(json.dumps(measured))
     folder, _, _ = inputs
-    page = (report([folder], bench=[path], output=tmp_path / "r", teacher="./ouro-1.4b") / "index.html").read_text()
+    out = write_report([folder], bench=[path], output=tmp_path / "r", teacher="./ouro-1.4b")
+    page = (out / "index.html").read_text()
     # the teacher was not benched: speed and cache plots, no speed headline and no quality-vs-speed point
     assert images_in(page) == ["cache_memory_vs_context", "decode_speed_vs_context", "scores_by_task"]
 

@@ -6,7 +6,7 @@ import torch
 from click.testing import CliRunner
 
 from lt2convert.cli import main
-from lt2convert.convert import convert
+from lt2convert.convert import convert_model
 from lt2convert.plan import read_plan, resolve_spec
 from lt2convert.sensitivity import keep_most_sensitive, layer_scores, sensitivity_plan
 from lt2convert.testing import SMALL_OURO_SHAPE, ouro_config, write_checkpoint
@@ -53,7 +53,7 @@ def test_sensitivity_plan_keeps_the_highest_scoring_layers_full(tmp_path):
     write_plan(plan, tmp_path / "plan.yaml")  # the library's plan, as `plan -o` writes it
     again = read_plan(tmp_path / "plan.yaml")
     assert again.strategy.scores == scores and again.layer_types == plan.layer_types
-    out = convert(teacher, tmp_path / "plan.yaml", tmp_path / "hybrid")
+    out = convert_model(teacher, tmp_path / "plan.yaml", tmp_path / "hybrid")
     assert (out / "config.json").is_file()
 
 

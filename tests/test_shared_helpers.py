@@ -12,8 +12,9 @@ from click.testing import CliRunner
 
 from lt2convert.cli import main
 from lt2convert.errors import ConfigError, OutputExistsError
-from lt2convert.io.assets import AssetError, _check_saved_config
+from lt2convert.io.assets import AssetError
 from lt2convert.io.outputs import atomic_write, swap_folder
+from lt2convert.io.smollm2 import _check_saved_config
 from lt2convert.modeling.modeling_lt2 import fla_gdn_decay, init_gdn_decay
 from lt2convert.presets import preset_config
 from lt2convert.units import parse_context, parse_contexts

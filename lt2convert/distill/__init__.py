@@ -20,7 +20,7 @@ _EXPORTS = {
     "DistillResult": "train",
     "TrainingDiverged": "train",
     "config_from_run": "train",
-    "distill": "train",
+    "run_distillation": "train",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -15,14 +15,15 @@ import hashlib
 import io
 import itertools
 import json
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
 
 from lt2convert.errors import LT2Error
+from lt2convert.io.outputs import atomic_write
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 HF_PREFIX = "hf:"
@@ -315,8 +316,8 @@ def load_token_ids(
             raise _no_tokens(sources)
         return torch.from_numpy(ids)
     path = Path(cache_dir) / f"{_cache_key(sources, fingerprint, eos_id, max_tokens, text_field)}.npy"
-    if not path.is_file() and _write_npy(path, chunks) == 0:
-        raise _no_tokens(sources)
+    if not path.is_file():
+        _write_npy(path, chunks, sources)
     return torch.from_numpy(_open_npy(path))
 
 
@@ -402,31 +403,28 @@ def _npy_header(length: int) -> bytes:
     return out.getvalue()
 
 
-def _write_npy(path: Path, chunks: Iterable[np.ndarray]) -> int:
+def _write_npy(path: Path, chunks: Iterable[np.ndarray], sources: Sequence[str]) -> None:
     """Stream the chunks into a .npy file without holding them all: write a placeholder header, the data, then
-    the real header (npy pads headers to 64 bytes, so any realistic length fits the same room). Written under a
-    temporary name and renamed, so a killed run or a concurrent one never leaves a partial cache file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
-    try:
-        with temporary.open("wb") as file:
-            placeholder = _npy_header(0)
-            file.write(placeholder)
-            count = 0
-            for chunk in chunks:
-                file.write(chunk.tobytes())
-                count += len(chunk)
-            if count == 0:
-                return 0
-            header = _npy_header(count)
-            if len(header) != len(placeholder):
-                raise DataError(f"{path}: {count} tokens do not fit the reserved .npy header")
-            file.seek(0)
-            file.write(header)
-        os.replace(temporary, path)
-        return count
-    finally:
-        temporary.unlink(missing_ok=True)
+    the real header (npy pads headers to 64 bytes, so any realistic length fits the same room). Published by
+    `atomic_write`, so a killed run or a concurrent one never leaves a partial cache file, and sources without a
+    single token leave no file at all."""
+
+    def write(file: IO) -> None:
+        placeholder = _npy_header(0)
+        file.write(placeholder)
+        count = 0
+        for chunk in chunks:
+            file.write(chunk.tobytes())
+            count += len(chunk)
+        if count == 0:
+            raise _no_tokens(sources)
+        header = _npy_header(count)
+        if len(header) != len(placeholder):
+            raise DataError(f"{path}: {count} tokens do not fit the reserved .npy header")
+        file.seek(0)
+        file.write(header)
+
+    atomic_write(path, write, binary=True)
 
 
 def _open_npy(path: Path) -> np.ndarray:

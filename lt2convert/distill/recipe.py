@@ -14,8 +14,8 @@ from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
 
-from lt2convert.errors import ConfigError
-from lt2convert.plan import PlanError
+from lt2convert.errors import ConfigError, PlanError
+from lt2convert.recipes import read_recipe_data
 from lt2convert.schema import (
     Flag,
     Fraction,
@@ -156,8 +156,6 @@ def parse_stages(data: object, origin: str) -> list[Stage]:
 
 def load_stages(recipe: str) -> list[Stage]:
     """The stages of a shipped recipe (by name) or a recipe file."""
-    from lt2convert.plan import read_recipe_data
-
     data, origin = read_recipe_data(recipe)
     if "stages" not in data:
         raise PlanError(origin, ["no stages: section (distill needs one; see recipes/smollm2-135m-full-gdn.yaml)"])

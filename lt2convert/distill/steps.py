@@ -1,6 +1,6 @@
 """What one distillation step computes: which layers train, and the align, kd and finetune steps.
 
-`STEPS[stage.kind](run, ids)` runs one forward and backward on a batch's rows and returns the step's metrics;
+`STEPS[stage.kind](setup, ids)` runs one forward and backward on a batch's rows and returns the step's metrics;
 the trainer (`lt2convert.distill.train`) owns everything around it: data, optimizer, checkpoints, processes.
 """
 
@@ -110,33 +110,33 @@ def context_to(ctx: MixerContext, device: torch.device) -> MixerContext:
     return MixerContext(**moved)
 
 
-def align_step(run: StepContext, ids: torch.Tensor) -> dict:
+def align_step(setup: StepContext, ids: torch.Tensor) -> dict:
     """Run the teacher once; for every (converted layer, loop step) backpropagate that call's align loss (plus a
     DSA indexer's KL warm-up), scaled so the gradients are those of the mean over calls."""
-    student, stage = base_model(run.model), run.stage
-    calls = len(run.converted) * run.teacher.config.total_ut_steps
+    student, stage = base_model(setup.model), setup.stage
+    calls = len(setup.converted) * setup.teacher.config.total_ut_steps
     per_layer: dict[int, float] = defaultdict(float)
     indexer: dict[int, float] = defaultdict(float)
 
     def on_call(index, step, module, x, ctx, output):
-        if index not in run.converted:
+        if index not in setup.converted:
             return
         mixer = student.model.layers[index].self_attn
-        x_s, ctx_s = x.to(run.device), context_to(ctx, run.device)
-        target = output.to(run.device)
+        x_s, ctx_s = x.to(setup.device), context_to(ctx, setup.device)
+        target = output.to(setup.device)
         # With several processes, normalise by the whole batch's mean square so they follow one process exactly.
-        mean_square = run.batch_mean(target.float().pow(2).mean()) if run.num_processes > 1 else None
+        mean_square = setup.batch_mean(target.float().pow(2).mean()) if setup.num_processes > 1 else None
         with torch.enable_grad():
             loss = align_loss(mixer(x_s, ctx_s, None), target, stage.normalize, mean_square)
             total = loss
             if isinstance(mixer, LT2SparseAttention) and stage.indexer_weight > 0:
                 kl = indexer_kl_loss(indexer_logits(mixer, x_s, ctx_s), head_averaged_attention(module, x, ctx))
-                indexer[index] += kl.item() / run.teacher.config.total_ut_steps
-                total = total + stage.indexer_weight * kl.to(run.device)
-            run.backward(total / calls)
-        per_layer[index] += loss.item() / run.teacher.config.total_ut_steps
+                indexer[index] += kl.item() / setup.teacher.config.total_ut_steps
+                total = total + stage.indexer_weight * kl.to(setup.device)
+            setup.backward(total / calls)
+        per_layer[index] += loss.item() / setup.teacher.config.total_ut_steps
 
-    capture_mixer_calls(run.teacher, ids.to(run.teacher.device), on_call)
+    capture_mixer_calls(setup.teacher, ids.to(setup.teacher.device), on_call)
     record = {
         "loss": sum(per_layer.values()) / len(per_layer),
         "layer_loss": {str(i): v for i, v in sorted(per_layer.items())},
@@ -146,27 +146,27 @@ def align_step(run: StepContext, ids: torch.Tensor) -> dict:
     return record
 
 
-def kd_step(run: StepContext, ids: torch.Tensor) -> dict:
+def kd_step(setup: StepContext, ids: torch.Tensor) -> dict:
     """KL(teacher ‖ student) on the exit logits, or averaged over every loop step's logits, plus the exit
     distributions' KL when the stage weights it."""
-    stage, every = run.stage, run.stage.every_step
+    stage, every = setup.stage, setup.stage.every_step
     with torch.no_grad():
-        taught = run.teacher(ids.to(run.teacher.device), use_cache=False, output_step_hidden_states=every)
-    out = run.model(input_ids=ids, use_cache=False, output_step_hidden_states=every)
+        taught = setup.teacher(ids.to(setup.teacher.device), use_cache=False, output_step_hidden_states=every)
+    out = setup.model(input_ids=ids, use_cache=False, output_step_hidden_states=every)
     if every:
         with torch.no_grad():
-            targets = [run.teacher.lm_head(t).to(run.device) for t in taught.step_hidden_states]
+            targets = [setup.teacher.lm_head(t).to(setup.device) for t in taught.step_hidden_states]
         losses = [kd_loss(s, t, stage.temperature) for s, t in zip(out.step_logits, targets, strict=True)]
         logit_loss = torch.stack(losses).mean()
     else:
-        logit_loss = kd_loss(out.logits, taught.logits.to(run.device), stage.temperature)
+        logit_loss = kd_loss(out.logits, taught.logits.to(setup.device), stage.temperature)
     loss = logit_loss
     record = {}
     if stage.exit_weight > 0 and taught.exit_probs is not None:
-        exit_loss = exit_kl_loss(out.exit_probs, taught.exit_probs.to(run.device))
+        exit_loss = exit_kl_loss(out.exit_probs, taught.exit_probs.to(setup.device))
         loss = loss + stage.exit_weight * exit_loss
         record["exit_kl"] = exit_loss.item()
-    run.backward(loss)
+    setup.backward(loss)
     return {"loss": loss.item(), "logit_kl": logit_loss.item(), **record}
 
 
@@ -184,9 +184,9 @@ def add_step_logits(student: LT2ForCausalLM) -> None:
     student.register_forward_hook(head_on_every_step, with_kwargs=True)
 
 
-def finetune_step(run: StepContext, ids: torch.Tensor) -> dict:
-    loss = run.model(input_ids=ids, labels=ids, use_cache=False).loss
-    run.backward(loss)
+def finetune_step(setup: StepContext, ids: torch.Tensor) -> dict:
+    loss = setup.model(input_ids=ids, labels=ids, use_cache=False).loss
+    setup.backward(loss)
     return {"loss": loss.item()}
 
 

@@ -38,7 +38,7 @@ __all__ = ["Column", "MetricKept", "build_leaderboard", "crossover", "fmt", "loa
 # The command
 
 
-def report(
+def write_report(
     inputs: list,
     baselines: str | Path | None = "ouro-paper",
     bench: list | None = None,
@@ -67,7 +67,7 @@ def report(
     story = headlines(board, models, chosen, benches)
     qualities = {chosen: 100.0, **{h.student: h.quality for h in story}} if story else {}
     plots = make_plots(board, benches, story, chosen, training)
-    from lt2convert.report_plots import model_colors
+    from lt2convert.report.plots import model_colors
 
     colors = model_colors(chosen, [m.name for m in models])
     plots |= exit_sweep_plots(sweeps, colors)

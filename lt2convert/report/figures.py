@@ -1,4 +1,4 @@
-"""The plots of a report, as PNG bytes by name (drawn by lt2convert.report_plots)."""
+"""The plots of a report, as PNG bytes by name (drawn by lt2convert.report.plots)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def bench_label(row: dict, bench: dict, many: bool) -> str:
 
 def make_plots(board: dict, benches: list[dict], story: list[Headline], teacher: str | None,
                training: dict[str, list[dict]]) -> dict[str, bytes]:
-    from lt2convert import report_plots as draw
+    from lt2convert.report import plots as draw
 
     runs = [m.name for m in board["models"] if m.kind == "run"]
     colors = draw.model_colors(teacher, runs)
@@ -78,7 +78,7 @@ def make_plots(board: dict, benches: list[dict], story: list[Headline], teacher:
 
 def exit_sweep_plots(sweeps: dict[str, dict] | None, colors: dict[str, str]) -> dict[str, bytes]:
     """The adaptive-exit speed–quality curve, one series per swept model (teacher first), when there is a sweep."""
-    from lt2convert import report_plots as draw
+    from lt2convert.report import plots as draw
 
     series = []
     for i, (name, sweep) in enumerate((sweeps or {}).items()):

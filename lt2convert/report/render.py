@@ -87,7 +87,7 @@ def metric_line(item: MetricKept) -> tuple[str, str, str, str, str]:
 def speed_rows(bench: dict) -> tuple[list[str], list[list[str]]]:
     """The speed table of one bench: header and rows (prefill, then decode tokens/s and cache per context),
     with each model's ratio to the first."""
-    from lt2convert.render import human_bytes
+    from lt2convert.console import human_bytes
 
     models = bench["models"]
     header = ["measure", *[row["name"] for row in models]]

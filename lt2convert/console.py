@@ -1,4 +1,4 @@
-"""Rich tables for the CLI (kept apart so library code never prints)."""
+"""The CLI's terminal output: rich tables of each command's result (kept apart so library code never prints)."""
 
 from __future__ import annotations
 
