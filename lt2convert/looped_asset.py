@@ -2,16 +2,24 @@
 
 No trained Ouro checkpoint is reachable offline, so one is made from SmolLM2-135M (asset `smollm2-135m`):
 
-1. Init (relaxed-recursive-transformer style): a block of `block_layers` of the teacher's layers, picked evenly
-   through its depth ("stepwise", first and last layer included) or averaged in groups ("average"), is shared by
-   all `steps` loop steps. The sandwich norms Ouro adds after the mixer and the MLP are calibrated on the first
-   step (least-squares per channel), so each starts close to an identity on its sublayer's output; the final
-   norm is calibrated the same way and the untied lm_head absorbs the teacher's final-norm scale, so step 1 starts
-   near the picked layers run as a plain, shallower Llama (the sandwich norms still give every token's sublayer
-   output one fixed RMS). SmolLM2 does not survive losing most of its layers (held-out perplexity in the
-   millions at init, with or without looping), so the training below does the real work.
-2. Loop training: KD from the teacher on the training texts, supervising every step's logits (weights 1:2:3:4,
-   later steps matter more) at a random subset of positions, with the embeddings and lm_head frozen.
+1. Init ("scaled full depth"): the shared block is the teacher's whole stack (`block_layers` = its depth; fewer
+   layers are picked evenly, "stepwise", or averaged in groups, "average"). Two facts shape it:
+   - Ouro's sandwich norms would give every token's sublayer output one fixed RMS, which SmolLM2 does not survive
+     (held-out perplexity in the millions). All norms share one epsilon (config `rms_norm_eps`), so it is raised
+     until every sublayer output lies far below sqrt(eps) (`sandwich_margin`), where RMSNorm is linear, and the
+     residual stream (the embeddings) is scaled up by G until it lies far above, where the pre-norms and the final
+     norm still normalise. Each sandwich norm is then an exact identity times `contribution_scale` (its weight
+     undoes the 1/sqrt(eps) and applies G), at Ouro's exact forward, and every matrix keeps the teacher's scale,
+     so the model trains with ordinary learning rates (the pipeline's distill included).
+   - Running the stack again on its own output wrecks the prediction (every layer's contribution lands twice).
+     The final norm, which feeds each step into the next, is calibrated near an identity and then multiplied by
+     `state_gain`, so each later step starts as a small correction of the state; lm_head absorbs the gain and the
+     teacher's final-norm scale. With `contribution_scale` < 1, step 1 is the teacher with its embeddings
+     over-weighted: a little worse than the teacher, leaving the later steps something to improve.
+2. Loop training: KD from the teacher on the training texts, supervising every step's logits (weights 1:8:27:64,
+   later steps matter more) at a random subset of positions, with the embeddings and lm_head frozen. Each norm
+   weight's learning rate is relative to its size (the calibrated sandwich and final norms are far larger than the
+   teacher's).
 3. Exit gate (Ouro's stage II): LM frozen; per token, the loss improvement the *next* step brings gives a soft
    "continue" target sigmoid(k·(improvement − γ)), and the gate's exit probability λ_t is fitted to its complement
    with a binary cross-entropy. k=50 and γ=0.005 are the paper's constants as we recall them (not re-checked
@@ -52,6 +60,7 @@ from lt2convert.export import copy_tokenizer
 from lt2convert.io.assets import cache_dir, fetch_asset
 from lt2convert.loading import config_from_dict, load_model
 from lt2convert.modeling import LT2ForCausalLM, OuroForCausalLM
+from lt2convert.modeling.modeling_lt2 import LT2DecoderLayer, LT2RMSNorm, MixerContext
 
 __all__ = ["LoopedRecipe", "build_looped", "build_smollm2_looped", "continue_targets", "exit_gate_loss"]
 
@@ -66,15 +75,20 @@ LR_FLOOR = 0.1  # the cosine schedule ends at 10% of the peak learning rate
 class LoopedRecipe:
     """How the looped model is made; every field is recorded in asset.json."""
 
-    block_layers: int = 8
+    block_layers: int = 30
     steps: int = 4
     init: str = "stepwise"
+    contribution_scale: float = 0.5  # each sublayer's residual contribution, relative to the teacher's
+    state_gain: float = 30.0  # the final norm's gain over an identity: later steps start as small corrections
+    sandwich_margin: float = 0.01  # a sublayer output's largest token RMS at init, in units of sqrt(eps)
     seq_len: int = 256
     batch_size: int = 4
-    kd_steps: int = 100
+    kd_steps: int = 90
     lr: float = 1e-3
     warmup: int = 10
     kd_temperature: float = 1.0
+    # KD weight of loop step t ∝ t**power: the later steps, which start as the least accurate, count most.
+    step_weight_power: float = 3.0
     kd_positions: int = 64  # positions per window whose logits are distilled (all positions run through the model)
     gate_batches: int = 8
     gate_iterations: int = 100  # L-BFGS iterations
@@ -100,6 +114,9 @@ class LoopedRecipe:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("contribution_scale", "state_gain", "sandwich_margin"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.steps < 2:
             raise ConfigError(f"steps must be >= 2 for a looped model with an exit gate, got {self.steps}")
 
@@ -158,8 +175,11 @@ def block_sources(num_teacher_layers: int, recipe: LoopedRecipe) -> list[list[in
     return [list(range(j, n, size)) for j in range(size)]
 
 
-def initial_student(teacher: LT2ForCausalLM, config: dict, recipe: LoopedRecipe, calibration: torch.Tensor):
-    """The looped student before training: shared block from the teacher, norms calibrated on `calibration` ids."""
+def initial_student(
+    teacher: LT2ForCausalLM, config: dict, recipe: LoopedRecipe, calibration: torch.Tensor
+) -> tuple[OuroForCausalLM, dict]:
+    """The looped student before training and its config.json: the shared block from the teacher, the norms'
+    epsilon and scales calibrated on `calibration` ids (see `calibrate_norms`)."""
     student = OuroForCausalLM(config_from_dict(config))
     teacher_state = teacher.state_dict()
     state = student.state_dict()
@@ -173,8 +193,8 @@ def initial_student(teacher: LT2ForCausalLM, config: dict, recipe: LoopedRecipe,
         elif name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
             state[name] = teacher_state[name].float()
     student.load_state_dict(state)
-    calibrate_norms(student, teacher.model.norm.weight.detach().float(), calibration)
-    return student
+    eps = calibrate_norms(student, teacher.model.norm.weight.detach().float(), calibration, recipe)
+    return student, {**config, "rms_norm_eps": eps}
 
 
 def fitted_scale(values: torch.Tensor, eps: float) -> torch.Tensor:
@@ -184,32 +204,78 @@ def fitted_scale(values: torch.Tensor, eps: float) -> torch.Tensor:
     return (normed * x).sum(0) / normed.pow(2).sum(0).clamp(min=1e-12)
 
 
+def sublayers(layer: LT2DecoderLayer, ctx: MixerContext) -> list[tuple[LT2RMSNorm, Callable, LT2RMSNorm]]:
+    """(pre-norm, sublayer, sandwich norm) for the mixer and the MLP."""
+    return [
+        (layer.input_layernorm, lambda x: layer.self_attn(x, ctx, None), layer.input_layernorm_2),
+        (layer.post_attention_layernorm, layer.mlp, layer.post_attention_layernorm_2),
+    ]
+
+
+def token_mean_square(x: torch.Tensor) -> torch.Tensor:
+    return x.float().pow(2).mean(-1)
+
+
 @torch.no_grad()
-def calibrate_norms(student: OuroForCausalLM, teacher_final_norm: torch.Tensor, ids: torch.Tensor) -> None:
-    """Fit the sandwich norms and the final norm on the first loop step, in order, then fold the teacher's final-norm
-    scale into lm_head so that step 1's logits are those of the picked layers run as a plain Llama."""
+def norm_regimes(student: OuroForCausalLM, ids: torch.Tensor, recipe: LoopedRecipe) -> tuple[float, float]:
+    """(eps, residual gain G) that put every RMSNorm in the regime its role needs, from step 1 run as the teacher's
+    stack (contributions × contribution_scale): eps = the largest token mean square of any sublayer output over
+    margin², so the sandwich norms see inputs far below eps and are linear; G = the residual stream's scale-up
+    that puts its smallest token mean square (× G²) margin⁻² above eps, so the pre-norms and the final norm still
+    normalise as the teacher's do."""
     model = student.model
-    eps = student.config.rms_norm_eps
+    h = model.embed_tokens(ids).float()
+    ctx = model.mixer_context(h, None, None, 0)
+    largest, smallest = 0.0, math.inf
+    for layer in model.layers:
+        for pre_norm, sublayer, _ in sublayers(layer, ctx):
+            smallest = min(smallest, token_mean_square(h).min().item())
+            out = sublayer(pre_norm(h))
+            largest = max(largest, token_mean_square(out).max().item())
+            h = h + recipe.contribution_scale * out
+    margin = recipe.sandwich_margin**2
+    eps = largest / margin
+    return eps, math.sqrt(eps / (margin * max(smallest, 1e-30)))
+
+
+@torch.no_grad()
+def calibrate_norms(
+    student: OuroForCausalLM, teacher_final_norm: torch.Tensor, ids: torch.Tensor, recipe: LoopedRecipe
+) -> float:
+    """Make Ouro's extra norms exact pass-throughs of the teacher's computation, at Ouro's exact forward and with
+    every matrix at the teacher's scale (so that later training, ours or a user's, needs no special learning
+    rates); returns the epsilon all norms now use (config `rms_norm_eps`).
+
+    With eps and G from `norm_regimes`: the embeddings are scaled by G, each sandwich norm is linear on its
+    sublayer's output and weighted contribution_scale·G·sqrt(eps), so it adds contribution_scale × G × the output;
+    the pre-norms see a G-scaled stream and normalise it as before. The final norm is fitted to an identity on
+    step 1's output times `state_gain`, with the teacher's final-norm scale folded into lm_head, so step 1's logits
+    are the block's run as a plain Llama (contributions × contribution_scale)."""
+    eps, gain = norm_regimes(student, ids, recipe)
+    model = student.model
+    student.config.rms_norm_eps = eps
+    for module in student.modules():
+        if isinstance(module, LT2RMSNorm):
+            module.variance_epsilon = eps
+    model.embed_tokens.weight.mul_(gain)
     h = model.embed_tokens(ids)
     ctx = model.mixer_context(h, None, None, 0)
     for layer in model.layers:
-        mixed = layer.self_attn(layer.input_layernorm(h), ctx, None)
-        layer.input_layernorm_2.weight.copy_(fitted_scale(mixed, eps))
-        h = h + layer.input_layernorm_2(mixed)
-        out = layer.mlp(layer.post_attention_layernorm(h))
-        layer.post_attention_layernorm_2.weight.copy_(fitted_scale(out, eps))
-        h = h + layer.post_attention_layernorm_2(out)
-    final = fitted_scale(h, eps)
+        for pre_norm, sublayer, post_norm in sublayers(layer, ctx):
+            post_norm.weight.fill_(recipe.contribution_scale * gain * math.sqrt(eps))
+            h = h + post_norm(sublayer(pre_norm(h)))
+    final = fitted_scale(h, eps) * recipe.state_gain
     model.norm.weight.copy_(final)
     student.lm_head.weight.mul_(teacher_final_norm / final)
+    return eps
 
 
 # ------------------------------------------------------------------------------------------------- training
 
 
-def step_weights(steps: int) -> torch.Tensor:
-    """Loss weight of each loop step: proportional to its index (later steps matter more), summing to 1."""
-    w = torch.arange(1, steps + 1, dtype=torch.float32)
+def step_weights(steps: int, power: float) -> torch.Tensor:
+    """Loss weight of each loop step: proportional to its index to `power` (later steps matter more), summing to 1."""
+    w = torch.arange(1, steps + 1, dtype=torch.float32).pow(power)
     return w / w.sum()
 
 
@@ -228,36 +294,54 @@ def kd_positions(seq_len: int, count: int) -> torch.Tensor:
     return torch.randperm(seq_len)[: min(count, seq_len)].sort().values
 
 
-def per_step_kd_loss(student_logits: list[torch.Tensor], teacher_logits: torch.Tensor, temperature: float):
-    """Σ_t w_t · KL(teacher ‖ student step t), and the per-step KLs."""
+def per_step_kd_loss(
+    student_logits: list[torch.Tensor], teacher_logits: torch.Tensor, temperature: float, power: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ_t w_t · KL(teacher ‖ student step t) (weights from `step_weights`), and the per-step KLs."""
     kls = torch.stack([kd_loss(s, teacher_logits, temperature) for s in student_logits])
-    return (step_weights(len(student_logits)) * kls).sum(), kls.detach()
+    return (step_weights(len(student_logits), power) * kls).sum(), kls.detach()
+
+
+FROZEN = ("model.embed_tokens.", "lm_head.", "model.early_exit_gate.")
+
+
+def learning_rate_scales(student: OuroForCausalLM) -> dict[str, float]:
+    """Per trainable tensor, the factor on the learning rate. Adam moves every entry by about lr whatever its size:
+    the matrices keep the teacher's scale (factor 1), but the norm weights range from the teacher's (about 1) to the
+    calibrated sandwich and final norms' (G·sqrt(eps), far larger), so each vector gets its mean size."""
+    return {
+        name: param.abs().mean().item() if param.dim() == 1 else 1.0
+        for name, param in student.named_parameters()
+        if not name.startswith(FROZEN)
+    }
 
 
 def train_loops(
     student: OuroForCausalLM, teacher: LT2ForCausalLM, stream: PackedTokenStream, recipe: LoopedRecipe, log: Log
 ) -> list[list[float]]:
-    """Per-step KD with the embeddings, lm_head and exit gate frozen; returns each update's per-step KLs."""
-    frozen = ("model.embed_tokens.", "lm_head.", "model.early_exit_gate.")
-    trainable = [p for n, p in student.named_parameters() if not n.startswith(frozen)]
+    """Per-step KD with the embeddings, lm_head and exit gate frozen (relative learning rates, see
+    `learning_rate_scales`); returns each update's per-step KLs."""
+    scales = learning_rate_scales(student)
     for name, param in student.named_parameters():
-        param.requires_grad_(not name.startswith(frozen))
-    optimizer = torch.optim.AdamW(trainable, lr=recipe.lr, betas=(0.9, 0.95), weight_decay=0.0)
+        param.requires_grad_(name in scales)
+    trainable = {name: param for name, param in student.named_parameters() if name in scales}
+    groups = [{"params": [param], "scale": scales[name]} for name, param in trainable.items()]
+    optimizer = torch.optim.AdamW(groups, lr=recipe.lr, betas=(0.9, 0.95), weight_decay=0.0)
     history, started = [], time.monotonic()
     student.train()
     for step in range(recipe.kd_steps):
         for group in optimizer.param_groups:
-            group["lr"] = recipe.lr * lr_factor(step, recipe.kd_steps, recipe.warmup, LR_FLOOR)
+            group["lr"] = recipe.lr * group["scale"] * lr_factor(step, recipe.kd_steps, recipe.warmup, LR_FLOOR)
         ids, _ = stream.next_batch(recipe.batch_size)
         positions = kd_positions(recipe.seq_len, recipe.kd_positions)
         with torch.no_grad(), forward_precision("bf16", {"cpu"}):
             (target,), _ = step_logits(teacher, ids, positions)
         with forward_precision("bf16", {"cpu"}):
             logits, _ = step_logits(student, ids, positions)
-            loss, kls = per_step_kd_loss(logits, target, recipe.kd_temperature)
+            loss, kls = per_step_kd_loss(logits, target, recipe.kd_temperature, recipe.step_weight_power)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
         optimizer.step()
         history.append(kls.tolist())
         if step % 10 == 0 or step == recipe.kd_steps - 1:
@@ -307,19 +391,22 @@ def train_exit_gate(student: OuroForCausalLM, stream: PackedTokenStream, recipe:
     states, losses = gate_training_data(student, stream, recipe)
     go_on = continue_targets(losses, recipe.gate_k, recipe.gate_gamma)
     gate = student.model.early_exit_gate
+    # The states are G-scaled (see calibrate_norms): fit on unit-RMS features, then fold the scale into the weight.
+    scale = states.pow(2).mean().sqrt().clamp(min=1e-12)
+    features = states / scale
     with torch.no_grad():
         gate.weight.zero_()  # start from "exit with probability 1/2" rather than the random init's saturated logits
         gate.bias.zero_()
     for param in gate.parameters():
         param.requires_grad_(True)
-    # A logistic regression on fixed features: L-BFGS converges in a few dozen evaluations whatever the scale of
-    # the hidden states (the final norm's calibrated weights are large), where Adam would need tuning.
+    # A logistic regression on fixed features: L-BFGS converges in a few dozen evaluations, where Adam would need
+    # tuning.
     optimizer = torch.optim.LBFGS(gate.parameters(), max_iter=recipe.gate_iterations, line_search_fn="strong_wolfe")
     history: list[float] = []
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        loss = exit_gate_loss(gate(states).squeeze(-1), go_on)
+        loss = exit_gate_loss(gate(features).squeeze(-1), go_on)
         loss.backward()
         history.append(loss.item())
         return loss
@@ -328,6 +415,8 @@ def train_exit_gate(student: OuroForCausalLM, stream: PackedTokenStream, recipe:
     log(f"  exit gate: BCE {history[0]:.4f} -> {history[-1]:.4f} in {len(history)} evaluations")
     for param in gate.parameters():
         param.requires_grad_(False)
+    with torch.no_grad():
+        gate.weight.div_(scale)
     return history
 
 
@@ -432,7 +521,7 @@ def build_looped(
         teacher = load_model(teacher_folder, dtype="float32")
         config = ouro_config(json.loads((teacher_folder / "config.json").read_text(encoding="utf-8")), recipe)
         stream = PackedTokenStream(train_ids, recipe.seq_len, recipe.seed, name="looped-model training text")
-        student = initial_student(teacher, config, recipe, stream.next_batch(recipe.batch_size)[0])
+        student, config = initial_student(teacher, config, recipe, stream.next_batch(recipe.batch_size)[0])
         windows = heldout_windows(heldout, recipe)
         initial = {name: evaluate(student, teacher, ids)["ppl_per_step"] for name, ids in windows.items()}
         log(f"  initial held-out perplexity per step: {initial}")

@@ -20,6 +20,8 @@ from lt2convert.looped_asset import (
     LoopedRecipe,
     build_looped,
     continue_targets,
+    exit_gate_loss,
+    gate_training_data,
     initial_student,
     ouro_config,
     train_exit_gate,
@@ -80,7 +82,31 @@ def one_window_stream() -> PackedTokenStream:
 def tiny_student(teacher_folder):
     teacher = load_model(teacher_folder, dtype="float32")
     config = ouro_config(json.loads((teacher_folder / "config.json").read_text()), TINY)
-    return teacher, initial_student(teacher, config, TINY, one_window_stream().next_batch(2)[0])
+    student, _ = initial_student(teacher, config, TINY, one_window_stream().next_batch(2)[0])
+    return teacher, student
+
+
+@torch.no_grad()
+def test_linear_sandwich_norms_make_step_one_the_teachers_full_stack(teacher_folder):
+    """Block = every teacher layer, contributions unscaled: Ouro's sandwich norms act as identities, so step 1 is the
+    teacher; the state gain makes step 2 a small correction of step 1 rather than a second pass of the stack."""
+    teacher = load_model(teacher_folder, dtype="float32")
+    ids = one_window_stream().next_batch(2)[0]
+    expected = teacher(ids, use_cache=False).logits
+    drift = {}
+    for gain in (1.0, 100.0):
+        recipe = LoopedRecipe(**{**TINY.__dict__, "block_layers": 3, "contribution_scale": 1.0, "state_gain": gain})
+        config = ouro_config(json.loads((teacher_folder / "config.json").read_text()), recipe)
+        student, calibrated = initial_student(teacher, config, recipe, ids)
+        # Every norm shares one epsilon, raised so the sandwich norms are linear; every matrix is the teacher's own.
+        assert calibrated["rms_norm_eps"] == student.config.rms_norm_eps > config["rms_norm_eps"]
+        for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight", "self_attn.q_proj.weight"):
+            name = f"model.layers.1.{name}"
+            assert torch.equal(student.get_parameter(name), teacher.get_parameter(name))
+        first, second = (student.lm_head(h) for h in student.model(input_ids=ids, use_cache=False).steps[:2])
+        torch.testing.assert_close(first, expected, atol=1e-3 * expected.abs().max().item(), rtol=0)
+        drift[gain] = (second - first).abs().max()
+    assert drift[100.0] < 0.2 * drift[1.0]
 
 
 def test_per_step_kd_lowers_every_steps_loss(teacher_folder):
@@ -96,6 +122,12 @@ def test_exit_gate_training_lowers_its_loss_and_only_touches_the_gate(teacher_fo
     before = {n: p.clone() for n, p in student.named_parameters()}
     history = train_exit_gate(student, one_window_stream(), TINY, lambda _: None)
     assert history[-1] < history[0]
+    # The fit runs on rescaled states; the gate in the model, on the real ones, has the fitted loss.
+    states, losses = gate_training_data(student, one_window_stream(), TINY)
+    go_on = continue_targets(losses, TINY.gate_k, TINY.gate_gamma)
+    with torch.no_grad():
+        in_model = exit_gate_loss(student.model.early_exit_gate(states).squeeze(-1), go_on).item()
+    assert in_model == pytest.approx(history[-1], rel=1e-3)
     changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {"model.early_exit_gate.weight", "model.early_exit_gate.bias"}
 
