@@ -80,7 +80,8 @@ class LoopedRecipe:
     init: str = "stepwise"
     contribution_scale: float = 0.5  # each sublayer's residual contribution, relative to the teacher's
     state_gain: float = 30.0  # the final norm's gain over an identity: later steps start as small corrections
-    sandwich_margin: float = 0.01  # a sublayer output's largest token RMS at init, in units of sqrt(eps)
+    # sublayer outputs lie at most this far below sqrt(eps) (RMS), the residual stream at least its inverse above
+    sandwich_margin: float = 0.01
     seq_len: int = 256
     batch_size: int = 4
     kd_steps: int = 90

@@ -76,11 +76,24 @@ def distilled(teacher: str, student: Path, stages: list, out: Path) -> str:
     return str(run_distillation(config, resume=True).final)
 
 
+def claim_work_folder(work: Path, settings: dict) -> None:
+    """Resume only our own run with the same settings: never reuse (or write into) a folder something else made."""
+    marker = work / "step-supervision.json"
+    if marker.is_file():
+        if json.loads(marker.read_text(encoding="utf-8")) != settings:
+            sys.exit(f"{work}: an ablation with other settings; choose another --work")
+        return
+    if work.exists() and any(work.iterdir()):
+        sys.exit(f"{work}: exists and is not this script's work folder; choose another --work")
+    work.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(settings) + "\n", encoding="utf-8")
+
+
 def main() -> None:
     args = arguments()
     teacher = args.teacher or str(fetch_asset("smollm2-looped"))
     work = args.work
-    work.mkdir(parents=True, exist_ok=True)
+    claim_work_folder(work, {"teacher": teacher, "recipe": args.recipe, "tokens": args.tokens})
     started = time.monotonic()
     plan_file = work / "plan.yaml"
     if not plan_file.is_file():
