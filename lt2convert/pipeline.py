@@ -356,6 +356,7 @@ def run_pipeline(
 
     def do_distill() -> str:
         from lt2convert.distill import DistillConfig, run_distillation
+        from lt2convert.distill.data import default_training_data
 
         config = DistillConfig(
             teacher=teacher, student=str(hybrid), data=list(data or []) or default_training_data(), out=str(run),
@@ -517,9 +518,3 @@ def load_pipeline_stages(recipe: str, total_tokens: int | None):
 
     stages = load_stages(recipe)
     return scale_budgets(stages, total_tokens) if total_tokens is not None else stages
-
-
-def default_training_data() -> list[str]:
-    from lt2convert.distill.data import default_training_data as sources
-
-    return sources()
