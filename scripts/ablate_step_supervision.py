@@ -33,6 +33,7 @@ from lt2convert.evaluate import evaluate
 from lt2convert.exit_sweep import held_out_ids
 from lt2convert.io.assets import fetch_asset
 from lt2convert.loading import load_model
+from lt2convert.looped_asset import step_logits, token_losses
 from lt2convert.plan import make_plan
 
 HELD_OUT = ("jargon", "devils-dictionary")
@@ -56,12 +57,11 @@ def arguments() -> argparse.Namespace:
 def perplexity_per_exit_step(folder: str, windows: dict[str, torch.Tensor]) -> dict[str, list[float]]:
     """Teacher-forced perplexity of every exit step, per held-out text."""
     model = load_model(folder, dtype="float32").eval()
-    steps = model.config.total_ut_steps
     result = {}
     for name, ids in windows.items():
-        losses = [[model(w, labels=w, use_cache=False, exit_at_step=k).loss.item() for w in ids.split(1)]
-                  for k in range(steps)]
-        result[name] = [round(math.exp(statistics.fmean(step)), 3) for step in losses]
+        # One forward gives every step's hidden state: [windows, steps] mean token losses.
+        losses = [[token_losses(logits, w).mean().item() for logits in step_logits(model, w)[0]] for w in ids.split(1)]
+        result[name] = [round(math.exp(statistics.fmean(step)), 3) for step in zip(*losses, strict=True)]
     return result
 
 
